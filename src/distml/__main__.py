@@ -1,0 +1,5 @@
+"""``python -m distml`` is the same as the ``distml`` console script."""
+
+from distml.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The ``distml`` command line: thin argument parsing over :mod:`distml.api`."""

@@ -1,0 +1,224 @@
+"""Entry point of the ``distml`` command.
+
+Each subcommand parses its arguments and calls one function of
+:mod:`distml.api`. Errors the user can fix print one line and exit 2; a
+failed worker prints the failing rank and exits 1; ``--debug`` shows
+tracebacks. Nothing here holds logic that a notebook user could not reach
+through the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+EPILOG = """examples:
+  distml train                                 # default demo: digits CNN on 2 workers
+  distml train examples/gpt_shakespeare.yaml --nproc 2 optimizer.lr=0.001
+  distml train cfg.yaml --nnodes 2 --node-rank 0 --master 10.0.0.1:29500
+  distml predict cfg.yaml --checkpoint runs/x/checkpoints/step_00000220.pt \\
+      --input split:test --output preds.csv --nproc 2
+  distml eval cfg.yaml --checkpoint CKPT --split test
+  distml info
+"""
+
+
+def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    from distml.errors import UserError
+
+    config: str | None = None
+    overrides: list[str] = []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise UserError(f"unexpected argument {item!r}: give one CONFIG.yaml and key=value overrides")
+    return config, overrides
+
+
+def _load(items: Sequence[str], extra: list[str] | None = None) -> Any:
+    from distml.config import load_config
+
+    path, overrides = _split_config_and_overrides(items)
+    return load_config(path, [*overrides, *(extra or [])])
+
+
+def _launch_spec(args: argparse.Namespace, default_nproc: int) -> Any:
+    from distml.launch import LaunchSpec
+
+    return LaunchSpec(
+        nproc=args.nproc or default_nproc,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master=args.master,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from distml import api
+
+    extra = []
+    if args.resume is not None:
+        extra.append(f"checkpoint.resume={args.resume}")
+    if args.profile:
+        extra.append("logging.profile=true")
+    if args.no_progress:
+        extra.append("logging.progress=false")
+    cfg = _load(args.items, extra)
+    spec = _launch_spec(args, cfg.parallel.nproc)
+    summary = api.train(cfg, spec)
+    if args.summary_json:
+        with open(args.summary_json, "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2, default=str)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from distml import api
+
+    cfg = _load(args.items)
+    out = api.predict(cfg, args.checkpoint, args.input, args.output, _launch_spec(args, 1))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distml import api
+
+    cfg = _load(args.items)
+    metrics = api.evaluate(cfg, args.checkpoint, args.split, _launch_spec(args, 1))
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{args.split}: loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
+              f"({int(metrics['samples'])} samples)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from distml import api
+
+    facts = api.info()
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="distml info", show_header=False)
+    for key, value in facts.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    Console().print(table)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.items)
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def _add_launch_args(p: argparse.ArgumentParser, nproc_help: str) -> None:
+    p.add_argument("--nproc", type=int, default=None, help=nproc_help)
+    p.add_argument("--nnodes", default="1", help="number of nodes N, or MIN:MAX for elastic jobs (default 1)")
+    p.add_argument("--node-rank", type=int, default=None, help="this node's rank in a multi-node job")
+    p.add_argument("--master", default=None, help="ADDR:PORT of node rank 0's rendezvous (multi-node)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distml",
+        description="distml: distributed training and serving on PyTorch. "
+        "Every command takes an optional CONFIG.yaml plus key=value overrides of any config field.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model data-parallel on N workers",
+                       description="Launch workers with torch.distributed's elastic launcher and "
+                       "train CONFIG (default: digits CNN on 2 workers). Backend nccl with one GPU per "
+                       "worker when CUDA is present, else gloo on CPU.")
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    _add_launch_args(p, "workers per node (default: parallel.nproc of the config)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from the latest checkpoint in checkpoint.dir, or from PATH")
+    p.add_argument("--profile", action="store_true", help="write a torch.profiler trace to the run dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines and the summary table stay)")
+    p.add_argument("--summary-json", default=None, help="also write the run summary as JSON here")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="data-parallel inference with a checkpoint",
+                       description="Split the inputs across workers (no gradient sync), gather the "
+                       "outputs in input order into one file.")
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument("--checkpoint", required=True, help="a step_*.pt checkpoint")
+    p.add_argument("--input", required=True, help=".npy or .csv of inputs, or split:test / split:train")
+    p.add_argument("--output", required=True, help="output file: .npy (logits), .csv or .jsonl")
+    _add_launch_args(p, "workers (default 1)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="metrics of a checkpoint on a dataset split")
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument("--checkpoint", required=True, help="a step_*.pt checkpoint")
+    p.add_argument("--split", default="test", help="train or test (default test)")
+    p.add_argument("--json", action="store_true", help="print metrics as JSON")
+    _add_launch_args(p, "workers (default 1)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="torch version, backends, devices, cores")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("config", help="print the resolved config (default or CONFIG + overrides)")
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    func: Callable[[argparse.Namespace], int] = args.func
+    if args.debug:
+        import os
+
+        os.environ["DISTML_DEBUG"] = "1"
+    from distml.errors import DistmlError, UserError, WorkerFailure
+
+    try:
+        return func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"distml: error: {exc}", file=sys.stderr)
+        return 2
+    except WorkerFailure as exc:
+        if args.debug:
+            raise
+        print(f"distml: {exc}", file=sys.stderr)
+        return 1
+    except DistmlError as exc:
+        if args.debug:
+            raise
+        print(f"distml: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("distml: interrupted; checkpoints already written are intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

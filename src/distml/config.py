@@ -1,0 +1,233 @@
+"""The one validated config schema of distml, with YAML loading and overrides.
+
+A config has the sections model, data, optimizer, schedule, parallel,
+checkpoint and logging; every field has a default, so an empty
+file is a valid config (the embedded digits-CNN demo). Unknown keys and wrong
+types are rejected with the offending dotted key named. ``key=value``
+overrides (values parsed as YAML) apply to any field before validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from distml.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = "cnn"
+    #: Keyword arguments of the model's config dataclass (validated by the model registry).
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSection(_Section):
+    name: str = "digits"
+    #: File or directory for datasets read from disk (text, mnist, cifar10).
+    path: str | None = None
+    #: The user-facing batch knob: samples per optimizer step across all workers.
+    global_batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+    #: Fraction held out as the test split for datasets without one (digits, synthetic, text).
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    shuffle: bool = True
+    #: Synthetic datasets: number of samples, features, classes, image size and channels.
+    num_samples: int = Field(4096, gt=0)
+    num_features: int = Field(64, gt=0)
+    num_classes: int = Field(10, gt=1)
+    image_size: int = Field(32, gt=0)
+    channels: int = Field(3, gt=0)
+    #: Text datasets: tokens per sample, tokenizer and objective (auto follows the model).
+    seq_len: int = Field(128, gt=1)
+    tokenizer: Literal["char", "byte"] = "char"
+    objective: Literal["auto", "causal", "masked"] = "auto"
+    mask_prob: float = Field(0.15, gt=0.0, lt=1.0)
+    #: Load the next batch in a background thread while the current step runs.
+    prefetch: bool = False
+
+
+class OptimizerSection(_Section):
+    name: Literal["sgd", "adamw", "lars", "lamb"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    #: LARS trust coefficient (eta in You et al. 2017).
+    trust_coefficient: float = Field(0.001, gt=0.0)
+    #: LARS/LAMB: leave 1-D parameters (biases, norms) out of adaptation and weight decay.
+    exclude_1d: bool = True
+
+
+class ScheduleSection(_Section):
+    epochs: int = Field(10, gt=0)
+    #: Stop after this many optimizer steps (across epochs); null runs all epochs.
+    max_steps: int | None = Field(None, gt=0)
+    #: Micro-batches per optimizer step; gradients sync only on the last one.
+    accumulation_steps: int = Field(1, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    #: Scale the LR with the global batch relative to reference_batch_size (Goyal et al. 2017).
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    reference_batch_size: int | None = Field(None, gt=0)
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_clip: float | None = Field(None, gt=0.0)
+    eval_every_epochs: int = Field(1, ge=0)
+
+
+class ParallelSection(_Section):
+    strategy: Literal["ddp"] = "ddp"
+    nproc: int = Field(2, gt=0)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bucket_cap_mb: float = Field(25.0, gt=0.0)
+    find_unused_parameters: bool = False
+    gradient_as_bucket_view: bool = True
+    #: Per-worker intra-op threads; 0 leaves torch's default (cores / workers).
+    threads_per_worker: int = Field(0, ge=0)
+
+
+class CheckpointSection(_Section):
+    #: Directory for checkpoints; default RUN_DIR/checkpoints.
+    dir: str | None = None
+    #: Save every N optimizer steps (0: only at epoch end).
+    every_steps: int = Field(0, ge=0)
+    keep_last: int = Field(3, gt=0)
+    #: Resume from the latest checkpoint in dir (or this file path).
+    resume: bool | str = False
+
+
+class LoggingSection(_Section):
+    run_dir: str = "runs/default"
+    progress: bool = True
+    metrics_file: str = "metrics.jsonl"
+    profile: bool = False
+    profile_steps: int = Field(3, gt=0)
+
+
+class Config(_Section):
+    name: str = "digits-cnn"
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.checkpoint.dir is None:
+            self.checkpoint.dir = os.path.join(self.logging.run_dir, "checkpoints")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _format_validation_error(exc: pydantic.ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key '{loc}' in {source}; check the spelling (see `distml config`)"
+    got = err.get("input")
+    return f"invalid config value for '{loc}' in {source}: {err['msg']} (got {got!r})"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Turn ``["optimizer.lr=0.1", ...]`` into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key.strip() != key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optimizer.lr=0.1)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def default_config_dict() -> dict[str, Any]:
+    """The embedded default (digits CNN on 2 workers) as a plain dict."""
+    text = resources.files("distml").joinpath("configs/default.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}
+
+
+def build_config(
+    data: Mapping[str, Any] | None = None,
+    overrides: Iterable[str] = (),
+    source: str = "config",
+) -> Config:
+    """Validate a config dict (plus overrides) into a :class:`Config`."""
+    merged = _deep_merge(dict(data or {}), parse_overrides(overrides))
+    try:
+        return Config.model_validate(merged)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()
+) -> Config:
+    """Load a YAML config (or the embedded default when ``path`` is None) with overrides."""
+    if path is None:
+        return build_config(default_config_dict(), overrides, source="the default config")
+    return build_config(read_yaml(path), overrides, source=str(path))

@@ -1,0 +1,37 @@
+"""Federated learning core: parameters, strategies, secure aggregation, privacy, partitioning,
+simulation.
+
+Everything here is transport-independent: a gRPC server and client carry the
+same :class:`~distml.federated.strategies.FitResult` and secure-aggregation
+messages that the single-process simulation passes around in memory.
+"""
+
+from distml.federated.parameters import (
+    Parameters,
+    get_parameters,
+    parameter_names,
+    parameters_from_bytes,
+    parameters_to_bytes,
+    set_parameters,
+)
+from distml.federated.strategies import (
+    EvaluateResult,
+    FitResult,
+    Strategy,
+    build_strategy,
+    strategy_names,
+)
+
+__all__ = [
+    "EvaluateResult",
+    "FitResult",
+    "Parameters",
+    "Strategy",
+    "build_strategy",
+    "get_parameters",
+    "parameter_names",
+    "parameters_from_bytes",
+    "parameters_to_bytes",
+    "set_parameters",
+    "strategy_names",
+]

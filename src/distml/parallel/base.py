@@ -1,0 +1,54 @@
+"""The strategy interface: how a parallelism plugs into the one training loop.
+
+A strategy wraps a plain model for the loop (``setup``), says how to skip
+gradient synchronisation on accumulation micro-steps (``no_sync``), reports
+the communication time of the last step, and gives and takes extra state for
+checkpoints (e.g. compression residuals). The Trainer knows nothing else about
+how gradients travel.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any
+
+from torch import nn
+
+from distml.runtime.dist import DistContext
+
+
+class Strategy:
+    """Base class; the single-process strategy is this class itself (no communication)."""
+
+    name = "single"
+
+    def setup(self, model: nn.Module, ctx: DistContext) -> nn.Module:
+        return model
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "module", model)
+
+    def no_sync(self, model: nn.Module) -> AbstractContextManager[Any]:
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def begin_backward(self) -> None:
+        """Called right before the synchronising backward pass."""
+
+    def exposed_comm_seconds(self, backward_end: float) -> float:
+        """Seconds of the last backward spent waiting for communication."""
+        return 0.0
+
+    def comm_busy_seconds(self) -> float:
+        """Seconds communication was in flight (may overlap compute), since the last call."""
+        return 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        return {}
