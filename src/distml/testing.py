@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -59,7 +60,9 @@ def _rank_main(
         if backend:
             dist.init_process_group(backend, rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        # Plain pickle copies tensor storage by value; the queue's default reducer would
+        # share it through a file descriptor that dies with this process.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
         raise SystemExit(1) from None
@@ -118,7 +121,7 @@ def run_ranks(
                     raise TimeoutError(f"run_ranks timed out after {timeout:.0f}s") from None
                 continue
             if ok:
-                collected[rank] = value
+                collected[rank] = pickle.loads(value)  # from our own child process
             else:
                 failure = f"rank {rank} failed:\n{value}"
         if failure is not None:

@@ -25,9 +25,11 @@ def _single_thread_seeded() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def digits() -> Digits:
-    """Digits scaled to [0, 1], seeded stratified 80/20 split: (x_train, y_train, x_test, y_test)."""
+    """Digits scaled to [0, 1], seeded stratified 80/20 split: (x_tr, y_tr, x_te, y_te)."""
     x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x / 16.0, y, test_size=0.2, random_state=0, stratify=y)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x / 16.0, y, test_size=0.2, random_state=0, stratify=y
+    )
     return (
         torch.tensor(x_tr, dtype=torch.float32),
         torch.tensor(y_tr),
@@ -66,9 +68,14 @@ def _accuracy(model: nn.Module, data: Digits) -> float:
 @pytest.fixture(scope="session")
 def trained_mlp(digits: Digits) -> nn.Module:
     """A 64-128-10 MLP trained with torch AdamW (reused, so tests deep-copy it)."""
+    # Session fixtures run before the per-test single-thread fixture.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = _make_mlp()
-    return _train(model, torch.optim.AdamW(model.parameters(), lr=3e-3), digits).eval()
+    _train(model, torch.optim.AdamW(model.parameters(), lr=3e-3), digits)
+    torch.set_num_threads(threads)
+    return model.eval()
 
 
 # Helpers as fixtures: test modules must not import conftest (several folders have one).

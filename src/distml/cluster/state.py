@@ -219,6 +219,10 @@ class ClusterState:
     def occupants(self, slot: Slot) -> tuple[int, ...]:
         return tuple(self._occupants.get(slot, ()))
 
+    def slot_load(self, slot: Slot) -> int:
+        """How many jobs run on ``slot`` (0, 1, or 2 when packed)."""
+        return len(self._occupants.get(slot, ()))
+
     def shared_slots(self) -> list[Slot]:
         """Slots on which two packed jobs run."""
         return list(self._shared)
@@ -292,16 +296,24 @@ class ClusterState:
             raise InvalidDecision(f"job {job_id} is not done; only done jobs can be forgotten")
         del self.jobs[job_id]
 
-    def set_throughput(self, job_id: int, throughput: float) -> None:
-        """Record a measured normalized throughput (1.0 = alone on one node)."""
+    def set_throughput(self, job_id: int, throughput: float, now: float) -> None:
+        """Record a measured normalized throughput (1.0 = alone on one node).
+
+        On a shared slot a new value is a change policies must see (packing may
+        have lost), so it is journaled; elsewhere it is only stored.
+        """
         job = self._get(job_id)
-        job.throughput = throughput
-        if len(job.placement) == 1:
-            mates = self._occupants.get(job.placement[0], [])
-            if len(mates) == 2:
-                a, b = (self.jobs[m] for m in mates)
-                if a.throughput is not None and b.throughput is not None:
-                    self._pair_measured[(a.job_id, b.job_id)] = (a.throughput, b.throughput)
+        previous, job.throughput = job.throughput, throughput
+        if len(job.placement) != 1:
+            return
+        mates = self._occupants.get(job.placement[0], [])
+        if len(mates) != 2:
+            return
+        if previous != throughput:
+            self._touch(job, now)
+        a, b = (self.jobs[m] for m in mates)
+        if a.throughput is not None and b.throughput is not None:
+            self._pair_measured[(a.job_id, b.job_id)] = (a.throughput, b.throughput)
 
     def apply(self, decision: Decision, now: float) -> None:
         """Carry out one decision, or raise :class:`InvalidDecision` without changing anything."""

@@ -186,7 +186,7 @@ def ring_all_reduce_flat(flat: torch.Tensor, op: str, view: GroupView) -> None:
         combine(incoming, received)
     # After p-1 steps this rank holds the full reduction of chunk me+1.
     if op == "avg":
-        chunk(me + 1).div_(p)
+        chunk(me).div_(p)
     for step in range(p - 1):
         exchange(view, [(chunk(me + 1 - step), me + 1)], [(chunk(me - step), me - 1)])
 

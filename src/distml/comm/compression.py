@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distml.comm.codecs import Codec, ErrorFeedback, Int8Codec, Payload, TopKCodec
+from distml.comm.codecs import Codec, Int8Codec, Payload, TopKCodec
 from distml.errors import ConfigError
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "AllReduceState",
     "CompressionState",
     "GatherState",
+    "ParamSlices",
     "PowerSGDState",
     "allreduce_hook",
     "gather_hook",
@@ -39,24 +40,92 @@ __all__ = [
 HOOK_NAMES = ("none", "fp16", "bf16", "int8", "topk", "powersgd")
 
 Future = torch.futures.Future
-_Layout = tuple[tuple[int, ...] | None, tuple[tuple[int, ...], ...]]
+
+
+class ParamSlices:
+    """Per-bucket flat tensors stored by parameter, so they survive DDP's bucket rebuild.
+
+    DDP regroups parameters into new buckets after its first iteration, and a
+    resumed run starts from the initial grouping again, so a bucket index does
+    not name the same parameters for a whole run. Each stored flat tensor
+    remembers which parameter owns which slice; when a bucket's parameters
+    change, the slices are regrouped. ``positions`` maps a parameter's
+    ``data_ptr`` to the order in which the hook first saw it; checkpoints key
+    slices by that position, which is the same in every run of the same model
+    and DDP settings because DDP's initial grouping is deterministic.
+    """
+
+    def __init__(self, positions: dict[int, int]) -> None:
+        self._positions = positions
+        self._flats: dict[int, tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]] = {}
+        self._loose: dict[int, torch.Tensor] = {}  # position -> 1-D slice
+
+    def get(
+        self, index: int, ptrs: tuple[int, ...], numels: tuple[int, ...]
+    ) -> torch.Tensor | None:
+        """The flat tensor for this bucket's parameters, or None if nothing is stored."""
+        entry = self._flats.get(index)
+        if entry is not None and entry[0] == ptrs:
+            return entry[2]
+        if entry is not None:
+            self._unpack_all()  # DDP rebuilt its buckets: every grouping changed at once
+        found = [self._loose.pop(self._positions[p], None) for p in ptrs]
+        slices = [
+            s if s is not None and s.numel() == n else None
+            for s, n in zip(found, numels, strict=True)
+        ]
+        present = [s for s in slices if s is not None]
+        if not present:
+            return None
+        return torch.cat(
+            [
+                s if s is not None else present[0].new_zeros(n)
+                for s, n in zip(slices, numels, strict=True)
+            ]
+        )
+
+    def put(
+        self, index: int, ptrs: tuple[int, ...], numels: tuple[int, ...], flat: torch.Tensor
+    ) -> None:
+        self._flats[index] = (ptrs, numels, flat)
+
+    def _unpack_all(self) -> None:
+        self._loose.update(self.by_position())
+        self._flats.clear()
+
+    def by_position(self) -> dict[int, torch.Tensor]:
+        """Every stored slice (1-D) keyed by its parameter's first-seen position."""
+        out = dict(self._loose)
+        for ptrs, numels, flat in self._flats.values():
+            for ptr, piece in zip(ptrs, torch.split(flat, list(numels)), strict=True):
+                out[self._positions[ptr]] = piece
+        return out
+
+    def of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The slice stored for ``param``, shaped like it (None when there is none)."""
+        position = self._positions.get(param.data_ptr())
+        piece = self.by_position().get(position) if position is not None else None
+        if piece is None or piece.numel() != param.numel():
+            return None
+        return piece.view(param.shape)
+
+    def state_dict(self) -> dict[int, torch.Tensor]:
+        return {k: v.clone() for k, v in self.by_position().items()}
+
+    def load_state_dict(self, state: Mapping[int, torch.Tensor]) -> None:
+        self._flats.clear()
+        self._loose = {int(k): v.clone().reshape(-1) for k, v in state.items()}
 
 
 class CompressionState:
-    """What every hook state has: the group, byte counters and per-bucket layouts.
-
-    Per-bucket state (residuals, PowerSGD factors) is keyed by bucket index.
-    DDP rebuilds its buckets after the first iteration, so a bucket index can
-    name different parameters later; when a bucket's parameters change, its
-    state is dropped rather than applied to the wrong gradients.
-    """
+    """What every hook state has: the process group, byte counters, parameter positions."""
 
     def __init__(self, name: str, process_group: dist.ProcessGroup | None = None) -> None:
         self.name = name
         self.process_group = process_group
         self.bytes_uncompressed = 0
         self.bytes_sent = 0
-        self._layouts: dict[int, _Layout] = {}
+        self._positions: dict[int, int] = {}
 
     @property
     def compression_ratio(self) -> float:
@@ -78,27 +147,22 @@ class CompressionState:
         self.bytes_uncompressed += bucket.numel() * bucket.element_size()
         self.bytes_sent += sent_bytes
 
-    def _bucket_index(self, bucket: dist.GradBucket) -> int:
-        index = bucket.index()
+    def _layout(self, bucket: dist.GradBucket) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Data pointers and sizes of the bucket's parameters, in buffer order."""
         params = bucket.parameters()
         ptrs = tuple(p.data_ptr() for p in params)
-        shapes = tuple(tuple(p.shape) for p in params)
-        known = self._layouts.get(index)
-        if known is not None and (known[1] != shapes or known[0] not in (None, ptrs)):
-            self._forget(index)
-        self._layouts[index] = (ptrs, shapes)
-        return index
-
-    def _forget(self, index: int) -> None:
-        """Drop per-bucket state that no longer matches the bucket's parameters."""
+        numels = tuple(p.numel() for p in params)
+        if sum(numels) != bucket.buffer().numel():
+            raise RuntimeError("DDP bucket buffer is not its parameters laid end to end")
+        for ptr in ptrs:
+            self._positions.setdefault(ptr, len(self._positions))
+        return ptrs, numels
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "bytes_uncompressed": self.bytes_uncompressed,
             "bytes_sent": self.bytes_sent,
-            # Parameter shapes only: data pointers mean nothing in another process.
-            "layouts": {i: [list(s) for s in lay[1]] for i, lay in self._layouts.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -109,10 +173,6 @@ class CompressionState:
             )
         self.bytes_uncompressed = int(state["bytes_uncompressed"])
         self.bytes_sent = int(state["bytes_sent"])
-        self._layouts = {
-            int(i): (None, tuple(tuple(s) for s in shapes))
-            for i, shapes in state.get("layouts", {}).items()
-        }
 
 
 class AllReduceState(CompressionState):
@@ -146,7 +206,7 @@ def allreduce_hook(state: AllReduceState, bucket: dist.GradBucket) -> Future[tor
 
 
 class GatherState(CompressionState):
-    """State of "int8" and "topk": the codec and, optionally, per-bucket residuals."""
+    """State of "int8" and "topk": the codec and, optionally, per-parameter residuals."""
 
     def __init__(
         self,
@@ -157,36 +217,39 @@ class GatherState(CompressionState):
     ) -> None:
         super().__init__(name, process_group)
         self.codec = codec
-        self.feedback = ErrorFeedback() if error_feedback else None
+        self.residuals = ParamSlices(self._positions) if error_feedback else None
 
-    def _forget(self, index: int) -> None:
-        if self.feedback is not None:
-            self.feedback.reset(index)
+    def residual_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """What error feedback still owes ``param`` (None before its first step)."""
+        return self.residuals.of(param) if self.residuals is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["codec"] = self.codec.state_dict()
-        if self.feedback is not None:
-            state["feedback"] = self.feedback.state_dict()
+        if self.residuals is not None:
+            state["residuals"] = self.residuals.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.codec.load_state_dict(state.get("codec", {}))
-        if self.feedback is not None and "feedback" in state:
-            self.feedback.load_state_dict(state["feedback"])
+        if self.residuals is not None and "residuals" in state:
+            self.residuals.load_state_dict(state["residuals"])
 
 
 def gather_hook(state: GatherState, bucket: dist.GradBucket) -> Future[torch.Tensor]:
     """All-gather every rank's encoded bucket, then decode and average locally."""
     buffer = bucket.buffer()
-    index = state._bucket_index(bucket)
-    if state.feedback is None:
+    if state.residuals is None:
         payload = state.codec.encode(buffer)
     else:
-        compensated = state.feedback.compensate(index, buffer)
+        index = bucket.index()
+        ptrs, numels = state._layout(bucket)
+        owed = state.residuals.get(index, ptrs, numels)
+        compensated = buffer + owed.to(buffer) if owed is not None else buffer
         payload = state.codec.encode(compensated)
-        state.feedback.update(index, compensated, state.codec.decode(payload))
+        unsent = compensated - state.codec.decode(payload)
+        state.residuals.put(index, ptrs, numels, unsent)
     state._count(buffer, payload.nbytes)
     world = state.world_size()
     gathered = [[torch.empty_like(t) for _ in range(world)] for t in payload.tensors]
@@ -230,39 +293,41 @@ class PowerSGDState(CompressionState):
         self.warm_start = warm_start
         self.error_feedback = error_feedback
         self.min_compression_rate = min_compression_rate
-        self.errors: dict[int, torch.Tensor] = {}
-        self.qs: dict[int, list[torch.Tensor]] = {}
+        self.errors = ParamSlices(self._positions)
+        self.qs = ParamSlices(self._positions)
         # Same seed on every rank: the initial Q must be identical everywhere.
         self.generator = torch.Generator().manual_seed(seed)
 
     def should_compress(self, rows: int, cols: int) -> bool:
         return (rows + cols) * self.rank * self.min_compression_rate < rows * cols
 
-    def _forget(self, index: int) -> None:
-        self.errors.pop(index, None)
-        self.qs.pop(index, None)
+    def error_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The error-feedback residual of ``param`` (None before its first step)."""
+        return self.errors.of(param)
 
-    def initial_qs(self, index: int, matrices: list[torch.Tensor]) -> list[torch.Tensor]:
-        stored = self.qs.get(index)
-        shapes = [(m.shape[1], self.rank) for m in matrices]
-        if self.warm_start and stored is not None and [tuple(q.shape) for q in stored] == shapes:
-            return stored
+    def initial_qs(
+        self, index: int, ptrs: tuple[int, ...], matrices: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        numels = tuple(m.shape[1] * self.rank for m in matrices)
+        stored = self.qs.get(index, ptrs, numels) if self.warm_start else None
+        if stored is not None:
+            pieces = torch.split(stored.to(matrices[0]), list(numels))
+            return [q.view(m.shape[1], self.rank) for q, m in zip(pieces, matrices, strict=True)]
         return [
-            torch.randn(shape, generator=self.generator).to(m.device, m.dtype)
-            for shape, m in zip(shapes, matrices, strict=True)
+            torch.randn(m.shape[1], self.rank, generator=self.generator).to(m) for m in matrices
         ]
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["errors"] = {i: e.clone() for i, e in self.errors.items()}
-        state["qs"] = {i: [q.clone() for q in qs] for i, qs in self.qs.items()}
+        state["errors"] = self.errors.state_dict()
+        state["qs"] = self.qs.state_dict()
         state["generator"] = self.generator.get_state()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        self.errors = {int(i): e.clone() for i, e in state["errors"].items()}
-        self.qs = {int(i): [q.clone() for q in qs] for i, qs in state["qs"].items()}
+        self.errors.load_state_dict(state["errors"])
+        self.qs.load_state_dict(state["qs"])
         self.generator.set_state(state["generator"])
 
 
@@ -273,29 +338,32 @@ def _orthonormal_columns(p: torch.Tensor) -> torch.Tensor:
 def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> Future[torch.Tensor]:
     """One PowerSGD step: all-reduce P = M Q, orthonormalise, all-reduce Q = M^T P."""
     buffer = bucket.buffer()
-    index = state._bucket_index(bucket)
+    index = bucket.index()
+    ptrs, numels = state._layout(bucket)
     world = state.world_size()
-    if state.error_feedback and index in state.errors and state.errors[index].shape == buffer.shape:
-        buffer.add_(state.errors[index])  # M = gradient + what earlier steps left out
-    grads = bucket.gradients()  # views into buffer, so edits land in the bucket
+    if state.error_feedback:
+        owed = state.errors.get(index, ptrs, numels)
+        if owed is not None:
+            buffer.add_(owed.to(buffer))  # M = gradient + what earlier steps left out
     dense: list[torch.Tensor] = []
     matrices: list[torch.Tensor] = []
-    for g in grads:
+    matrix_ptrs: list[int] = []
+    for ptr, g in zip(ptrs, bucket.gradients(), strict=True):  # views into the buffer
         if g.dim() >= 2 and state.should_compress(g.shape[0], g[0].numel()):
             matrices.append(g.view(g.shape[0], -1))
+            matrix_ptrs.append(ptr)
         else:
             dense.append(g)
-    qs = state.initial_qs(index, matrices)
+    qs = state.initial_qs(index, tuple(matrix_ptrs), matrices)
     ps = [m @ q for m, q in zip(matrices, qs, strict=True)]
     first = torch.cat([g.reshape(-1) for g in dense] + [p.reshape(-1) for p in ps])
-    q_numel = sum(q.numel() for q in qs)
-    state._count(buffer, (first.numel() + q_numel) * buffer.element_size())
+    q_numels = tuple(q.numel() for q in qs)
+    state._count(buffer, (first.numel() + sum(q_numels)) * buffer.element_size())
     fut = dist.all_reduce(first, group=state.process_group, async_op=True).get_future()
 
     def second(done: Future[list[torch.Tensor]]) -> torch.Tensor:
         reduced = done.value()[0]
-        sizes = [g.numel() for g in dense] + [p.numel() for p in ps]
-        pieces = list(torch.split(reduced, sizes))
+        pieces = torch.split(reduced, [g.numel() for g in dense] + [p.numel() for p in ps])
         dense_avg = [piece.div_(world) for piece in pieces[: len(dense)]]
         ps_hat = [
             _orthonormal_columns(piece.view_as(p))
@@ -308,25 +376,22 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> Future[torch
                 m.sub_(p @ q.t())
             for g in dense:
                 g.zero_()
-            state.errors[index] = buffer.clone()
+            state.errors.put(index, ptrs, numels, buffer.clone())
+        mean_qs: list[torch.Tensor] = []
         if local_qs:
             q_flat = torch.cat([q.reshape(-1) for q in local_qs])
             dist.all_reduce(q_flat, group=state.process_group, async_op=True).get_future().wait()
             q_flat.div_(world)
             mean_qs = [
                 piece.view_as(q)
-                for piece, q in zip(
-                    torch.split(q_flat, [q.numel() for q in local_qs]), local_qs, strict=True
-                )
+                for piece, q in zip(torch.split(q_flat, list(q_numels)), local_qs, strict=True)
             ]
-        else:
-            mean_qs = []
+            if state.warm_start:
+                state.qs.put(index, tuple(matrix_ptrs), q_numels, q_flat)
         for g, avg in zip(dense, dense_avg, strict=True):
             g.copy_(avg.view_as(g))
         for m, p, q in zip(matrices, ps_hat, mean_qs, strict=True):
             m.copy_(p @ q.t())
-        if state.warm_start:
-            state.qs[index] = mean_qs
         return buffer
 
     return fut.then(second)

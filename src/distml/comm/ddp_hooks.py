@@ -7,7 +7,6 @@ instead of the backend's built-in all-reduce, keeping DDP's semantics: each
 rank receives the average of all ranks' gradients.
 """
 
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 

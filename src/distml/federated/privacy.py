@@ -37,15 +37,15 @@ DEFAULT_ORDERS: tuple[int, ...] = (*range(2, 129), 160, 192, 256, 384, 512, 1024
 
 
 def _log_a(q: float, sigma: float, alpha: int) -> float:
-    """log A_alpha = log E[(mu_1/mu_0)^alpha] of the sampled Gaussian, integer alpha (MTZ19, 3.3)."""
+    """log E[(mu_1/mu_0)^alpha] of the sampled Gaussian for integer alpha (MTZ19, sec. 3.3)."""
     k = np.arange(alpha + 1, dtype=np.float64)
     log_binom = (
         math.lgamma(alpha + 1)
         - np.array([math.lgamma(i + 1) for i in k])
         - np.array([math.lgamma(alpha - i + 1) for i in k])
     )
-    terms = log_binom + k * math.log(q) + (alpha - k) * math.log1p(-q) + (k * k - k) / (
-        2 * sigma**2
+    terms = (
+        log_binom + k * math.log(q) + (alpha - k) * math.log1p(-q) + (k * k - k) / (2 * sigma**2)
     )
     top = float(terms.max())
     return top + math.log(float(np.exp(terms - top).sum()))
@@ -166,9 +166,12 @@ class DifferentialPrivacy(Strategy):
         super().__init__()
         require(clip_norm > 0, f"dp option clip_norm must be > 0, got {clip_norm}")
         require(
-            noise_multiplier >= 0, f"dp option noise_multiplier must be >= 0, got {noise_multiplier}"
+            noise_multiplier >= 0,
+            f"dp option noise_multiplier must be >= 0, got {noise_multiplier}",
         )
-        require(mode in ("central", "local"), f"dp option mode must be central or local, got {mode!r}")
+        require(
+            mode in ("central", "local"), f"dp option mode must be central or local, got {mode!r}"
+        )
         require(0 < delta < 1, f"dp option delta must be in (0, 1), got {delta}")
         self.strategy = strategy
         self.clip_norm = clip_norm
@@ -188,7 +191,6 @@ class DifferentialPrivacy(Strategy):
         return chosen
 
     def record_sampling(self, num_sampled: int, num_available: int) -> None:
-        """Tell the accountant how many clients a round sampled (callers that sample themselves)."""
         self._sampled = num_sampled
         self._sample_rate = num_sampled / num_available if num_available else 1.0
 
@@ -209,12 +211,16 @@ class DifferentialPrivacy(Strategy):
         if not results:
             return unchanged(current)
         clipped = [
-            r.update(current) if self.mode == "local" else clip_update(r.update(current), self.clip_norm)
+            r.update(current)
+            if self.mode == "local"
+            else clip_update(r.update(current), self.clip_norm)
             for r in results
         ]
         total = [torch.stack(ts).sum(dim=0) for ts in zip(*clipped, strict=True)]
         if self.mode == "central":
-            total = add_gaussian_noise(total, self.noise_multiplier * self.clip_norm, self.generator)
+            total = add_gaussian_noise(
+                total, self.noise_multiplier * self.clip_norm, self.generator
+            )
         # Dividing by the sampled count, not the reporting count, keeps dropouts from
         # changing the scale that the noise was calibrated against.
         denom = max(self._sampled, len(results))

@@ -51,7 +51,7 @@ class SecAggError(DistmlError):
 
 
 def shamir_split(secret: int, threshold: int, xs: Sequence[int]) -> list[int]:
-    """Shares ``f(x)`` at each x of a random degree ``threshold-1`` polynomial with ``f(0)=secret``."""
+    """``f(x)`` for each x, ``f`` random of degree ``threshold - 1`` with ``f(0) = secret``."""
     if not 0 <= secret < PRIME:
         raise ValueError("secret must be in [0, PRIME)")
     if not 1 <= threshold <= len(xs):
@@ -243,9 +243,7 @@ class _Peer:
 class SecAggClient:
     """One client's side of a round: call the four steps in order, each once."""
 
-    def __init__(
-        self, client_id: int, dim: int, fixed_point: FixedPoint | None = None
-    ) -> None:
+    def __init__(self, client_id: int, dim: int, fixed_point: FixedPoint | None = None) -> None:
         if client_id < 0 or dim < 1:
             raise ConfigError(f"secagg needs client_id >= 0 and dim >= 1, got {client_id}, {dim}")
         self.client_id = client_id
@@ -280,14 +278,20 @@ class SecAggClient:
         if len(set(ids)) != len(ids) or self.client_id not in ids:
             raise SecAggError(f"client {self.client_id}: key directory is malformed")
         if not 2 <= t <= len(ids):
-            raise SecAggError(f"client {self.client_id}: threshold {t} invalid for {len(ids)} clients")
+            raise SecAggError(
+                f"client {self.client_id}: threshold {t} invalid for {len(ids)} clients"
+            )
         me = ids.index(self.client_id)
         if directory.mask_public_keys[me] != self._mask_key.public_key().public_bytes_raw():
-            raise SecAggError(f"client {self.client_id}: directory holds a wrong key for this client")
+            raise SecAggError(
+                f"client {self.client_id}: directory holds a wrong key for this client"
+            )
         self._threshold = t
         self._peers = {
             v: _Peer(e, m)
-            for v, e, m in zip(ids, directory.enc_public_keys, directory.mask_public_keys, strict=True)
+            for v, e, m in zip(
+                ids, directory.enc_public_keys, directory.mask_public_keys, strict=True
+            )
         }
         xs = [_x(v) for v in ids]
         seed_shares = shamir_split(int.from_bytes(self._self_seed, "big"), t, xs)
@@ -331,7 +335,9 @@ class SecAggClient:
                     blob[:12], blob[12:], _aad(v, self.client_id)
                 )
             except Exception:
-                raise SecAggError(f"client {self.client_id}: shares from {v} fail to decrypt") from None
+                raise SecAggError(
+                    f"client {self.client_id}: shares from {v} fail to decrypt"
+                ) from None
             if plain[:16] != v.to_bytes(8, "big") + self.client_id.to_bytes(8, "big"):
                 raise SecAggError(f"client {self.client_id}: shares from {v} are mislabelled")
             self._peers[v].seed_share = _share_to_int(plain[16 : 16 + _SHARE_BYTES])
@@ -344,7 +350,9 @@ class SecAggClient:
             )
         encoded = self.fixed_point.encode(values)
         if encoded.shape != (self.dim,):
-            raise SecAggError(f"client {self.client_id}: input has {encoded.size} values, expected {self.dim}")
+            raise SecAggError(
+                f"client {self.client_id}: input has {encoded.size} values, expected {self.dim}"
+            )
         masked = encoded + prg(self._self_seed, self.dim)
         for v in self._u2:
             if v != self.client_id:
@@ -392,7 +400,9 @@ class SecAggServer:
 
     def __init__(self, dim: int, threshold: int, fixed_point: FixedPoint | None = None) -> None:
         if threshold < 2 or dim < 1:
-            raise ConfigError(f"secure aggregation needs threshold >= 2 and dim >= 1, got {threshold}")
+            raise ConfigError(
+                f"secure aggregation needs threshold >= 2 and dim >= 1, got {threshold}"
+            )
         self.dim = dim
         self.threshold = threshold
         self.fixed_point = fixed_point or FixedPoint()
@@ -486,17 +496,16 @@ class SecAggServer:
                     keys[v].append((_x(r.client_id), _share_to_int(share)))
         total = self._masked_sum.copy()
         for v, points in seeds.items():
-            self._need(len(points), f"revealed the self-mask seed of client {v}:")
-            seed = shamir_reconstruct(points[: self.threshold])
-            if seed >= 2 ** (8 * _SEED_BYTES):
+            self._need(len(points), f"revealed the self-mask seed of client {v}")
+            value = shamir_reconstruct(points[: self.threshold])
+            if value >= 2 ** (8 * _SEED_BYTES):
                 raise SecAggError(f"server: reconstructed seed of client {v} is out of range")
-            total -= prg(seed.to_bytes(_SEED_BYTES, "big"), self.dim)
+            total -= prg(value.to_bytes(_SEED_BYTES, "big"), self.dim)
         for v, points in keys.items():
-            self._need(len(points), f"revealed the mask key of dropped client {v}:")
+            self._need(len(points), f"revealed the mask key of dropped client {v}")
             key = self._recover_mask_key(v, shamir_reconstruct(points[: self.threshold]))
             for u in u3:
-                seed = _pair_seed(key, self._state.mask_keys[u])
-                _apply_pair_mask(total, u, v, seed, add=False)
+                _apply_pair_mask(total, u, v, _pair_seed(key, self._state.mask_keys[u]), add=False)
         return self.fixed_point.decode(total)
 
     def _recover_mask_key(self, client_id: int, value: int) -> X25519PrivateKey:
@@ -544,7 +553,9 @@ def secure_sum(
     ]
     request = server.collect_masked_inputs(masked)
     responses = [
-        clients[cid].unmask(request) for cid in request.survivor_ids if cid not in drop_after_masking
+        clients[cid].unmask(request)
+        for cid in request.survivor_ids
+        if cid not in drop_after_masking
     ]
     return server.finish(responses), server.included_clients
 
@@ -552,7 +563,9 @@ def secure_sum(
 def weighted_input(update: Sequence[torch.Tensor], num_examples: int) -> torch.Tensor:
     """``[n * flatten(update), n]``: what a client sends so that the sum yields a weighted mean."""
     flat = torch.cat([t.reshape(-1).double() for t in update])
-    return torch.cat([flat * num_examples, torch.tensor([float(num_examples)], dtype=torch.float64)])
+    return torch.cat(
+        [flat * num_examples, torch.tensor([float(num_examples)], dtype=torch.float64)]
+    )
 
 
 def weighted_mean_from_sum(total: np.ndarray) -> tuple[torch.Tensor, float]:

@@ -167,14 +167,26 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.compute == "int8":
             return self._int8_forward(x)
-        return F.linear(x, self.weight_q.dequantize().to(x.dtype), self.bias)
+        wq = self.weight_q
+        if wq.layout is None:
+            # Per-output-channel scales commute with the matmul: scaling the
+            # output saves a full pass over the weight.
+            y = F.linear(x, wq.qweight.to(x.dtype)) * wq.scale.to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        return F.linear(x, wq.dequantize().to(x.dtype), self.bias)
 
     def _int8_forward(self, x: Tensor) -> Tensor:
         # Per-token symmetric activation quantization; _int_mm accumulates in int32.
         flat = x.reshape(-1, self.in_features).float()
+        rows = flat.shape[0]
+        if x.is_cuda and (self.in_features % 8 or self.out_features % 8):
+            # cuBLAS int8 GEMM needs k and n multiples of 8.
+            return F.linear(x, self.weight_q.dequantize().to(x.dtype), self.bias)
         sx = (flat.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp_min(1e-12)
         xq = torch.round(flat / sx).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-        acc = torch._int_mm(xq, self.weight_q.qweight.t())
+        if x.is_cuda:  # and m > 16, a multiple of 8: pad with zero rows
+            xq = F.pad(xq, (0, 0, 0, max(24, -(-rows // 8) * 8) - rows))
+        acc = torch._int_mm(xq, self.weight_q.qweight.t())[:rows]
         y = acc.float() * sx * self.weight_q.scale
         if self.bias is not None:
             y = y + self.bias.float()
@@ -296,9 +308,15 @@ def quantize_model(
 
     ``skip`` holds module names or glob patterns; a name also skips its
     children. ``symmetric`` applies to int4 (int8 is always symmetric);
-    ``compute`` to Linear layers (see the module docstring). Returns ``model``.
+    ``compute`` to Linear layers (see the module docstring). Only submodules
+    are replaced, so a bare layer is refused. Returns ``model``.
     """
     check_bits(bits, group_size)
+    if type(model) in (nn.Linear, nn.Embedding):
+        raise ConfigError(
+            "quantize_model replaces submodules; wrap a bare layer in nn.Sequential "
+            "or use QuantizedLinear.from_float / QuantizedEmbedding.from_float"
+        )
     if compute == "int8" and bits != 8:
         raise ConfigError("compute='int8' needs bits=8; use compute='dequant' for int4")
     for names in quantizable_groups(model, skip):

@@ -265,8 +265,13 @@ class Trainer:
             self.raw_model, dataset, self.task, self.ctx, self.cfg.data.eval_batch_size, self._autocast
         )
 
-    def fit(self) -> dict[str, Any]:
-        """Run the configured schedule; returns the summary (same on every rank)."""
+    def fit(self, until_step: int | None = None) -> dict[str, Any]:
+        """Run the configured schedule; returns the summary.
+
+        ``until_step`` stops early at that optimizer step, with a checkpoint, as an
+        interrupted job would; a later ``Trainer`` with ``checkpoint.resume`` continues
+        the same schedule.
+        """
         from distml.train.progress import ProgressReporter
 
         cfg = self.cfg
@@ -325,8 +330,11 @@ class Trainer:
                     every = cfg.checkpoint.every_steps
                     if every and self.step % every == 0:
                         self.save_checkpoint()
-                    if self.step >= self.total_steps:
+                    if self.step >= self.total_steps or self.step == until_step:
                         break
+                if self.step == until_step and self.step < self.total_steps:
+                    self.save_checkpoint()
+                    break
                 epoch_done = self.batch_in_epoch >= self.steps_per_epoch
                 if epoch_done:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0

@@ -53,7 +53,7 @@ class Policy(ABC):
 
     def __init__(self) -> None:
         self._cursor = 0
-        self._seen: dict[int, JobStatus] = {}
+        self._seen: dict[int, tuple[JobStatus, int]] = {}  # job -> (status, version) last seen
 
     @abstractmethod
     def schedule(self, state: ClusterState, now: float) -> list[Decision]:
@@ -66,22 +66,26 @@ class Policy(ABC):
     def changed_jobs(self, state: ClusterState) -> list[tuple[Job, JobStatus | None]]:
         """Jobs changed since the previous call, each with the status this policy last saw.
 
-        Each job appears once, in the order of its latest change. Finished jobs are
-        reported once more and then forgotten.
+        Each job appears once, in the order of its latest change, and only if its
+        version moved since this policy last saw it, so policies may push index
+        entries without creating duplicates. Finished jobs are reported once more
+        and then forgotten.
         """
         self._cursor, ids = state.journal_since(self._cursor)
         changed: list[tuple[Job, JobStatus | None]] = []
         for job_id in dict.fromkeys(reversed(ids)):
             job = state.jobs.get(job_id)
+            seen = self._seen.get(job_id)
             if job is None:
                 self._seen.pop(job_id, None)
                 continue
-            before = self._seen.get(job_id)
+            if seen is not None and seen[1] == job.version:
+                continue
             if job.status is JobStatus.DONE:
                 self._seen.pop(job_id, None)
             else:
-                self._seen[job_id] = job.status
-            changed.append((job, before))
+                self._seen[job_id] = (job.status, job.version)
+            changed.append((job, seen[0] if seen is not None else None))
         changed.reverse()
         return changed
 

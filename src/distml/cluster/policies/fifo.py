@@ -25,9 +25,9 @@ class FifoPolicy(Policy):
         self._queue: list[tuple[float, int, int]] = []  # (submit time, job id, version)
 
     def schedule(self, state: ClusterState, now: float) -> list[Decision]:
-        for job, _ in self.changed_jobs(state):
-            if job.waiting:
-                heapq.heappush(self._queue, (job.submit_time, job.job_id, job.version))
+        for changed, _ in self.changed_jobs(state):
+            if changed.waiting:
+                heapq.heappush(self._queue, (changed.submit_time, changed.job_id, changed.version))
         decisions: list[Decision] = []
         planner: Planner | None = None
         while self._queue:

@@ -24,7 +24,6 @@ decides, not the number of jobs.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
 
 from distml.cluster.decisions import (
@@ -98,12 +97,13 @@ class GandivaPolicy(Policy):
         self.lookahead = lookahead
         self.max_migrations = max_migrations
         self.pack_candidates = pack_candidates
-        self._rr: deque[tuple[int, int]] = deque()  # (job id, version) of waiting jobs
-        self._slices: deque[tuple[float, int]] = deque()  # (slice start, job id)
-        self._slice_start: dict[int, float] = {}
+        # Ordered dicts used as ordered sets, kept exact by _sync:
+        self._rr: dict[int, None] = {}  # waiting jobs, round-robin order
+        self._slices: dict[int, float] = {}  # running job -> slice start, oldest first
         self._hosts: dict[int, None] = {}  # 1-GPU jobs running alone: packing hosts
         self._split: dict[int, None] = {}  # running jobs on more nodes than needed
         self._elastic: dict[int, None] = {}  # running elastic jobs
+        self._recheck: dict[Slot, None] = {}  # shared slots whose throughputs changed
 
     def schedule(self, state: ClusterState, now: float) -> list[Decision]:
         self._sync(state)
@@ -124,76 +124,52 @@ class GandivaPolicy(Policy):
         return plan.decisions
 
     def next_wakeup(self, state: ClusterState, now: float) -> float | None:
-        if state.num_waiting == 0:
+        self._sync(state)
+        if state.num_waiting == 0 or not self._slices:
             return None
-        while self._slices:
-            start, job_id = self._slices[0]
-            if self._slice_valid(state, start, job_id):
-                expiry = start + self.quantum
-                return expiry if expiry > now else now + self.quantum
-            self._slices.popleft()
-        return None
+        expiry = next(iter(self._slices.values())) + self.quantum
+        return expiry if expiry > now else now + self.quantum
 
     # ------------------------------------------------------------- indices
     def _sync(self, state: ClusterState) -> None:
         for job, before in self.changed_jobs(state):
             job_id = job.job_id
             if job.status is not JobStatus.RUNNING:
-                self._slice_start.pop(job_id, None)
+                self._slices.pop(job_id, None)
                 self._hosts.pop(job_id, None)
                 self._split.pop(job_id, None)
                 self._elastic.pop(job_id, None)
+                self._rr.pop(job_id, None)
                 if job.waiting:
-                    self._rr.append((job_id, job.version))
+                    self._rr[job_id] = None  # (re)joins the tail of the round-robin queue
                 continue
-            if before is not JobStatus.RUNNING or job_id not in self._slice_start:
-                self._slice_start[job_id] = job.changed_at
-                self._slices.append((job.changed_at, job_id))
-            if job.max_gpus == 1 and state.occupants(job.placement[0]) == (job_id,):
-                self._hosts[job_id] = None
-            else:
-                self._hosts.pop(job_id, None)
+            self._rr.pop(job_id, None)
+            if before is not JobStatus.RUNNING or job_id not in self._slices:
+                self._slices.pop(job_id, None)
+                self._slices[job_id] = job.changed_at
+            if job.max_gpus == 1:
+                if state.slot_load(job.placement[0]) == 1:
+                    self._hosts[job_id] = None
+                else:
+                    self._hosts.pop(job_id, None)
+                    self._recheck[job.placement[0]] = None
             if nodes_spanned(job.placement) > min_nodes(job.size, state.gpus_per_node):
                 self._split[job_id] = None
             else:
                 self._split.pop(job_id, None)
             if job.elastic:
                 self._elastic[job_id] = None
-        self._compact(state)
-
-    def _compact(self, state: ClusterState) -> None:
-        # Started or re-queued jobs leave stale entries behind; rebuild when they dominate.
-        if len(self._rr) > 2 * state.num_waiting + 64:
-            live = dict.fromkeys(e for e in self._rr if self._rr_valid(state, e))
-            self._rr = deque(live)
-        if len(self._slices) > 2 * state.num_running + 64:
-            live_slices = [e for e in self._slices if self._slice_valid(state, *e)]
-            self._slices = deque(sorted(live_slices))
-
-    def _rr_valid(self, state: ClusterState, entry: tuple[int, int]) -> bool:
-        job = state.jobs.get(entry[0])
-        return job is not None and job.version == entry[1] and job.waiting
-
-    def _slice_valid(self, state: ClusterState, start: float, job_id: int) -> bool:
-        job = state.jobs.get(job_id)
-        return (
-            job is not None
-            and job.status is JobStatus.RUNNING
-            and self._slice_start.get(job_id) == start
-        )
 
     def _waiting(self, plan: _Round, limit: int) -> Iterator[Job]:
-        """Valid waiting jobs in round-robin order, not yet decided on this round."""
-        while self._rr and not self._rr_valid(plan.state, self._rr[0]):
-            self._rr.popleft()
+        """Waiting jobs in round-robin order, not yet decided on this round."""
         seen = 0
-        for entry in list(self._rr):
+        for job_id in self._rr:
             if seen >= limit:
                 return
-            if entry[0] in plan.busy or not self._rr_valid(plan.state, entry):
+            if job_id in plan.busy:
                 continue
             seen += 1
-            yield plan.state.jobs[entry[0]]
+            yield plan.state.jobs[job_id]
 
     # -------------------------------------------------------------- starting
     def _start_waiting(self, plan: _Round) -> None:
@@ -209,7 +185,7 @@ class GandivaPolicy(Policy):
                     continue
                 size = planner.free_gpus
             placement = None
-            if self.defragment and size <= planner.gpus_per_node > planner.max_node_free():
+            if self.defragment and planner.max_node_free() < size <= planner.gpus_per_node:
                 placement = self._defragment(plan, size)
             if placement is None:
                 placement = planner.place(size)
@@ -224,7 +200,7 @@ class GandivaPolicy(Policy):
 
     def _defragment(self, plan: _Round, size: int) -> Placement | None:
         """Empty enough of one node, by migrating small jobs away, to hold ``size`` GPUs."""
-        planner, state = plan.planner, plan.state
+        planner = plan.planner
         tried = 0
         for count in range(size - 1, 0, -1):
             for node in planner.nodes_with_free(count):
@@ -242,15 +218,12 @@ class GandivaPolicy(Policy):
                             reason=f"defragment node {node} for a waiting {size}-GPU job",
                         )
                     )
-                    state.jobs[job.job_id].num_migrations  # noqa: B018 -- read-only touch
                 free = sorted(planner.node_free(node))[:size]
                 return tuple((node, gpu) for gpu in free)
         return None
 
-    def _evacuate(
-        self, plan: _Round, node: int, need: int
-    ) -> list[tuple[Job, Placement]] | None:
-        """Plan migrations freeing ``need`` slots on ``node``; None (nothing changed) if impossible."""
+    def _evacuate(self, plan: _Round, node: int, need: int) -> list[tuple[Job, Placement]] | None:
+        """Migrations that free ``need`` slots on ``node``, or None with the plan unchanged."""
         state, planner = plan.state, plan.planner
         movable = []
         for job_id in state.jobs_on_node(node):
@@ -259,7 +232,7 @@ class GandivaPolicy(Policy):
                 job_id in plan.busy
                 or job.status is not JobStatus.RUNNING
                 or any(n != node for n, _ in job.placement)
-                or any(len(state.occupants(slot)) > 1 for slot in job.placement)
+                or any(state.slot_load(slot) > 1 for slot in job.placement)
             ):
                 continue
             movable.append(job)
@@ -354,22 +327,27 @@ class GandivaPolicy(Policy):
     # ----------------------------------------------------------- time-slicing
     def _time_slice(self, plan: _Round) -> None:
         state, planner = plan.state, plan.planner
-        if state.num_waiting <= plan.launched:
+        if state.num_waiting <= plan.launched or not self._slices:
             return
+        if next(iter(self._slices.values())) + self.quantum > plan.now:
+            return  # no slice is over yet
         expired = self._expired(plan)
+        exhausted = False
         pool: list[tuple[list[Job], int]] = []  # candidate victims: (jobs, slots freed)
         pooled = 0
         for job in self._waiting(plan, self.lookahead):
             need = job.min_gpus - planner.free_gpus
-            while pooled < need:
+            while pooled < need and not exhausted:
                 unit = next(expired, None)
                 if unit is None:
+                    exhausted = True
                     break
                 pool.append(unit)
                 pooled += unit[1]
             if pooled < need:
+                if exhausted and not pool and planner.free_gpus == 0:
+                    return
                 continue
-            freed_for = planner.free_gpus
             while planner.free_gpus < job.min_gpus:
                 jobs, slots_freed = pool.pop(0)
                 pooled -= slots_freed
@@ -384,7 +362,6 @@ class GandivaPolicy(Policy):
                         )
                     )
                 planner.release(released)
-            del freed_for
             size = min(job.num_gpus, planner.free_gpus)
             placement = planner.place(size)
             if placement is not None:
@@ -393,18 +370,18 @@ class GandivaPolicy(Policy):
     def _expired(self, plan: _Round) -> Iterator[tuple[list[Job], int]]:
         """Running jobs whose slice is over, oldest first, as units that free whole slots."""
         state = plan.state
-        for start, job_id in list(self._slices):
+        offered: set[int] = set()
+        for job_id, start in self._slices.items():
             if start + self.quantum > plan.now:
                 return
-            if job_id in plan.busy or not self._slice_valid(state, start, job_id):
+            if job_id in offered:
                 continue
             job = state.jobs[job_id]
             mates = state.occupants(job.placement[0]) if len(job.placement) == 1 else (job_id,)
             if any(m in plan.busy for m in mates) or job.placement[0] in plan.slots:
                 continue
-            unit = [state.jobs[m] for m in mates]
-            plan.busy.update(mates)
-            yield unit, len(job.placement)
+            offered.update(mates)
+            yield [state.jobs[m] for m in mates], len(job.placement)
 
     # ---------------------------------------------------------------- packing
     def _pack(self, plan: _Round) -> None:
@@ -434,7 +411,7 @@ class GandivaPolicy(Policy):
                 host is None
                 or host.status is not JobStatus.RUNNING
                 or host.max_gpus != 1
-                or state.occupants(host.placement[0]) != (host_id,)
+                or state.slot_load(host.placement[0]) != 1
             ):
                 stale.append(host_id)
                 continue
@@ -462,7 +439,10 @@ class GandivaPolicy(Policy):
 
     def _unpack_losers(self, plan: _Round) -> None:
         state = plan.state
-        for slot in state.shared_slots():
+        slots, self._recheck = list(self._recheck), {}
+        for slot in slots:
+            if state.slot_load(slot) != 2:
+                continue
             host_id, joiner_id = state.occupants(slot)
             host, joiner = state.jobs[host_id], state.jobs[joiner_id]
             if host.throughput is None or joiner.throughput is None:
@@ -481,6 +461,8 @@ class GandivaPolicy(Policy):
 
     def _unpack_to_free(self, plan: _Round) -> None:
         planner, state = plan.planner, plan.state
+        if planner.free_gpus == 0:
+            return
         for slot in state.shared_slots():
             if planner.free_gpus == 0:
                 return

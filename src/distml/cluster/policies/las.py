@@ -105,12 +105,15 @@ class LasPolicy(Policy):
             assert placement is not None  # enough slots are free by construction
             planner.take(placement)
             heapq.heappop(self._waiting)
-            decisions.append(launch(job, placement, f"highest-priority waiting job (queue {level})"))
+            decisions.append(
+                launch(job, placement, f"highest-priority waiting job (queue {level})")
+            )
         for entry in skipped:
             heapq.heappush(self._waiting, entry)
         return decisions
 
     def next_wakeup(self, state: ClusterState, now: float) -> float | None:
+        self._sync(state, now)  # jobs started this round cross thresholds too
         times: list[float] = []
         while self._crossings:
             when, job_id, version, level = self._crossings[0]
@@ -195,7 +198,9 @@ class LasPolicy(Policy):
             entry = (-level, -job.submit_time, -job.job_id, job.version, level)
             heapq.heappush(self._running, entry)
 
-    def _victims(self, state: ClusterState, level: int, shortfall: int) -> list[tuple[Job, int]] | None:
+    def _victims(
+        self, state: ClusterState, level: int, shortfall: int
+    ) -> list[tuple[Job, int]] | None:
         """Worst running jobs from queues below ``level`` freeing ``shortfall`` GPUs, or None."""
         victims: list[tuple[Job, int]] = []
         freed = 0

@@ -130,9 +130,7 @@ class Strategy(ABC):
         min_available_clients: int = 1,
     ) -> None:
         for key, frac in (("fraction_fit", fraction_fit), ("fraction_evaluate", fraction_evaluate)):
-            require(
-                0.0 < frac <= 1.0, f"{self.name} option {key} must be in (0, 1], got {frac}"
-            )
+            require(0.0 < frac <= 1.0, f"{self.name} option {key} must be in (0, 1], got {frac}")
         for key, count in (
             ("min_fit_clients", min_fit_clients),
             ("min_evaluate_clients", min_evaluate_clients),
@@ -167,7 +165,9 @@ class Strategy(ABC):
         self, server_round: int, available_client_ids: Sequence[int], rng: np.random.Generator
     ) -> list[int]:
         """Clients to train this round; empty when too few are available (the server waits)."""
-        return self._sample(self.num_fit_clients(len(available_client_ids)), available_client_ids, rng)
+        return self._sample(
+            self.num_fit_clients(len(available_client_ids)), available_client_ids, rng
+        )
 
     def configure_evaluate(
         self, server_round: int, available_client_ids: Sequence[int], rng: np.random.Generator
@@ -183,6 +183,10 @@ class Strategy(ABC):
         if available < max(count, self.min_available_clients):
             return []
         return sample_clients(available_client_ids, count, rng)
+
+    def record_sampling(self, num_sampled: int, num_available: int) -> None:
+        """Told by callers that sample clients themselves (DP accounting needs the rate)."""
+        return None
 
     def fit_config(self, server_round: int) -> dict[str, ConfigValue]:
         """Settings sent to each sampled client with the global model (e.g. ``proximal_mu``)."""

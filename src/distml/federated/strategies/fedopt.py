@@ -70,7 +70,9 @@ class FedOpt(Strategy):
         if self.m is None or self.v is None:
             self.m = [torch.zeros_like(d) for d in delta]
             self.v = [torch.full_like(d, self.tau**2) for d in delta]
-        self.m = [self.beta_1 * m + (1 - self.beta_1) * d for m, d in zip(self.m, delta, strict=True)]
+        self.m = [
+            self.beta_1 * m + (1 - self.beta_1) * d for m, d in zip(self.m, delta, strict=True)
+        ]
         self.v = [self.second_moment(v, d * d) for v, d in zip(self.v, delta, strict=True)]
         step = [
             self.eta * m / (torch.sqrt(v) + self.tau) for m, v in zip(self.m, self.v, strict=True)

@@ -12,7 +12,7 @@ from distml.federated.strategies.fedavg import FedAvg
 
 
 class FedProx(FedAvg):
-    """Server side is FedAvg; the proximal term keeps heterogeneous clients near the global model."""
+    """FedAvg on the server; the proximal term keeps heterogeneous clients near the global model."""
 
     name = "fedprox"
 
@@ -34,7 +34,5 @@ def proximal_term(
     params: Sequence[torch.Tensor], global_params: Sequence[torch.Tensor], mu: float
 ) -> torch.Tensor:
     """``mu/2 * sum_i ||params_i - global_i||^2``; global_params carry no gradient."""
-    total = sum(
-        ((p - g.detach()) ** 2).sum() for p, g in zip(params, global_params, strict=True)
-    )
+    total = sum(((p - g.detach()) ** 2).sum() for p, g in zip(params, global_params, strict=True))
     return 0.5 * mu * torch.as_tensor(total)

@@ -65,7 +65,7 @@ def strategy_options(cls: type[Strategy]) -> dict[str, Any]:
 
 
 def build_strategy(name: str, **options: Any) -> Strategy:
-    """A strategy by registry name with validated options, e.g. ``build_strategy("fedprox", mu=0.1)``."""
+    """A strategy by registry name with validated options: ``build_strategy("fedprox", mu=0.1)``."""
     cls = STRATEGIES.get(name)
     if cls is None:
         raise ConfigError(

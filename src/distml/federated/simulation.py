@@ -1,0 +1,371 @@
+"""Single-machine federated simulation: many virtual clients, one process.
+
+:func:`simulate` runs rounds of sample -> local SGD -> aggregate -> evaluate
+with any :class:`~distml.federated.strategies.Strategy`. In ``mode="vmap"`` the
+round's clients train together: their parameters are stacked along a new
+leading dimension and one ``torch.vmap`` of ``torch.func.grad`` over
+``functional_call`` computes every client's mini-batch gradient in a single
+call per local step. Clients hold different amounts of data, so each local
+step carries a per-client sample mask (a short last batch has fewer valid
+rows; the loss is the mean over valid rows) and an ``active`` flag that is 0
+once a client has run all of its own steps, which zeroes its gradient so its
+weights stay put (plain SGD, no momentum or weight decay, makes that exact).
+``mode="sequential"`` is the reference: one client after another with an
+``nn.Module`` and ``torch.optim.SGD`` over the same batches, built from the same
+per-(seed, round, client) generators, so the two modes agree to float
+rounding. The loss is cross-entropy on classification logits; models with
+BatchNorm (running statistics) are not supported in vmap mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from distml.errors import ConfigError
+from distml.federated.parameters import (
+    Parameters,
+    get_parameters,
+    num_bytes,
+    parameter_names,
+    set_parameters,
+    subtract,
+)
+from distml.federated.strategies.base import FitResult, Strategy, sample_clients, weighted_metrics
+
+MODES = ("vmap", "sequential")
+
+
+@dataclass
+class RoundRecord:
+    """What one round did and how the global model scored after it."""
+
+    round: int
+    clients: list[int]
+    train_loss: float
+    test_loss: float | None
+    test_accuracy: float | None
+    bytes_down: int
+    bytes_up: int
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class History:
+    """Per-round records plus the final global model."""
+
+    rounds: list[RoundRecord]
+    parameters: Parameters
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready rounds (the parameters are left out)."""
+        return {"rounds": [asdict(r) for r in self.rounds]}
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self.rounds[-1].test_accuracy if self.rounds else None
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """One client's local run: a row of training-set indices per SGD step, ``-1`` = padding."""
+
+    client_id: int
+    batches: np.ndarray
+    num_examples: int
+    noise_seed: int
+
+    def batch(self, step: int) -> torch.Tensor:
+        row = self.batches[step]
+        return torch.from_numpy(row[row >= 0])
+
+
+def round_plans(
+    partitions: Sequence[np.ndarray],
+    selected: Sequence[int],
+    local_epochs: int,
+    batch_size: int,
+    seed: int,
+    server_round: int,
+) -> list[ClientPlan]:
+    """Every selected client's shuffled mini-batches for all local epochs.
+
+    One generator per (seed, round) draws, client by client in ``selected``
+    order, a permutation per epoch; an epoch's last batch may be short. Both
+    simulation modes train from these plans, which is what makes them agree.
+    """
+    rng = np.random.default_rng([seed, server_round])
+    plans = []
+    for cid in selected:
+        idx = partitions[cid]
+        n = len(idx)
+        per_epoch = -(-n // batch_size)
+        rows = np.full((local_epochs, per_epoch * batch_size), -1, dtype=np.int64)
+        for epoch in range(local_epochs):
+            rows[epoch, :n] = idx[rng.permutation(n)]
+        batches = rows.reshape(local_epochs * per_epoch, batch_size)
+        plans.append(ClientPlan(cid, batches, n, int(rng.integers(2**62))))
+    return plans
+
+
+class _Trainer:
+    """Local training of a round's clients from one global model; both modes share setup."""
+
+    def __init__(
+        self, model: nn.Module, strategy: Strategy, x: torch.Tensor, y: torch.Tensor, lr: float
+    ) -> None:
+        self.model = model.train()
+        self.strategy = strategy
+        self.x = x
+        self.y = y
+        self.lr = lr
+        self.names = parameter_names(model)
+        self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def sequential(
+        self, plans: Sequence[ClientPlan], global_params: Parameters
+    ) -> list[tuple[Parameters, float]]:
+        """Reference path, one client at a time with ``nn.Module`` and ``torch.optim.SGD``."""
+        out = []
+        global_by_name = dict(zip(self.names, global_params, strict=True))
+        global_trainable = [global_by_name[n] for n in self.trainable]
+        for plan in plans:
+            set_parameters(self.model, global_params)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            opt = torch.optim.SGD(params, lr=self.lr)
+            losses = []
+            for step in range(len(plan.batches)):
+                batch = plan.batch(step)
+                opt.zero_grad(set_to_none=True)
+                logits = self.model(self.x[batch])
+                loss = F.cross_entropy(logits, self.y[batch])
+                term = self.strategy.client_loss_term(params, global_trainable)
+                if term is not None:
+                    loss = loss + term
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            update = subtract(list(self.model.state_dict().values()), global_params)
+            out.append((update, float(np.mean(losses)) if losses else 0.0))
+        return out
+
+    def vmapped(
+        self, plans: Sequence[ClientPlan], global_params: Parameters
+    ) -> list[tuple[Parameters, float]]:
+        """All clients at once: stacked parameters, one vmapped gradient call per step."""
+        m = len(plans)
+        global_by_name = dict(zip(self.names, global_params, strict=True))
+        stacked = {
+            n: global_by_name[n].unsqueeze(0).expand(m, *global_by_name[n].shape).clone()
+            for n in self.trainable
+        }
+        frozen = {n: t for n, t in global_by_name.items() if n not in stacked}
+        global_trainable = tuple(global_by_name[n] for n in self.trainable)
+        idx, mask, active = _pad_plans(plans)
+        model, strategy, trainable = self.model, self.strategy, self.trainable
+
+        def forward(params: dict[str, torch.Tensor], bx: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, (params, frozen), (bx,))
+
+        def loss_term(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            term = strategy.client_loss_term([params[n] for n in trainable], global_trainable)
+            return torch.zeros(()) if term is None else term
+
+        has_term = strategy.client_loss_term(list(global_trainable), global_trainable) is not None
+        batched_forward = torch.vmap(forward, randomness="different")
+        batched_term = torch.vmap(loss_term)
+        loss_sum = torch.zeros(m, dtype=torch.float64)
+        leaves = [stacked[n].requires_grad_() for n in trainable]
+        counts = mask.sum(dim=2).clamp_min(1.0)
+        for s in range(idx.shape[0]):
+            rows = idx[s]
+            # Forward under vmap, backward with plain autograd: clients are independent, so
+            # the gradient of the summed loss w.r.t. client k's slice is client k's gradient
+            # (one autograd pass is much cheaper than vmap over torch.func.grad).
+            logits = batched_forward(stacked, self.x[rows])
+            per_sample = F.cross_entropy(
+                logits.flatten(0, 1), self.y[rows].flatten(), reduction="none"
+            ).view(rows.shape)
+            losses = (per_sample * mask[s].to(per_sample.dtype)).sum(dim=1) / counts[s].to(
+                per_sample.dtype
+            )
+            if has_term:
+                losses = losses + batched_term(stacked)
+            losses = losses * active[s].to(losses.dtype)
+            grads = torch.autograd.grad(losses.sum(), leaves)
+            with torch.no_grad():
+                for leaf, g in zip(leaves, grads, strict=True):
+                    leaf.sub_(g, alpha=self.lr)
+            loss_sum += losses.detach().double()
+        steps = active.sum(dim=0).double().clamp_min(1.0)
+        mean_loss = (loss_sum / steps).tolist()
+        with torch.no_grad():
+            deltas = {n: stacked[n] - global_by_name[n] for n in trainable}
+        deltas.update({n: torch.zeros_like(t, dtype=_float(t)) for n, t in frozen.items()})
+        return [
+            ([deltas[n][k] if n in stacked else deltas[n] for n in self.names], mean_loss[k])
+            for k in range(m)
+        ]
+
+
+def _float(t: torch.Tensor) -> torch.dtype:
+    return t.dtype if t.is_floating_point() else torch.get_default_dtype()
+
+
+def _pad_plans(plans: Sequence[ClientPlan]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(steps, clients, batch) indices (padding points at row 0), sample mask, active flags."""
+    steps = max(len(p.batches) for p in plans)
+    width = plans[0].batches.shape[1]
+    idx = np.full((steps, len(plans), width), -1, dtype=np.int64)
+    for k, plan in enumerate(plans):
+        idx[: len(plan.batches), k] = plan.batches
+    valid = torch.from_numpy(idx >= 0)
+    mask = valid.to(torch.get_default_dtype())
+    return torch.from_numpy(idx).clamp_min(0), mask, valid.any(dim=2).to(mask.dtype)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    params: Parameters,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 4096,
+) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` with ``params`` on ``(x, y)``, in eval mode."""
+    state = dict(zip(parameter_names(model), params, strict=True))
+    if model.training:
+        model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        logits = functional_call(model, state, (x[start : start + batch_size],))
+        target = y[start : start + batch_size]
+        loss += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == target).sum())
+    return loss / max(len(x), 1), correct / max(len(x), 1)
+
+
+def simulate(
+    model_fn: Callable[[], nn.Module],
+    train: tuple[torch.Tensor, torch.Tensor],
+    partitions: Sequence[np.ndarray | torch.Tensor],
+    strategy: Strategy,
+    *,
+    rounds: int,
+    clients_per_round: int | None = None,
+    local_epochs: int = 1,
+    batch_size: int = 32,
+    lr: float | None = None,
+    seed: int = 0,
+    mode: str = "vmap",
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    transform_results: Callable[[FitResult], FitResult] | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> History:
+    """Federated training of ``model_fn()`` over ``partitions`` of ``train``; returns the history.
+
+    ``clients_per_round`` overrides the strategy's ``fraction_fit`` sampling;
+    ``lr`` defaults to the strategy's ``fit_config()["lr"]`` (FedOpt's ``eta_l``)
+    or 0.05. ``transform_results`` sees every client result before aggregation
+    (to model attackers or lossy uplinks); ``on_round`` is called after each round.
+    """
+    _check_args(partitions, rounds, clients_per_round, local_epochs, batch_size, mode)
+    x, y = train
+    torch.manual_seed(seed)
+    model = model_fn()
+    if mode == "vmap" and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        raise ConfigError(
+            "vmap simulation cannot train BatchNorm running statistics; use GroupNorm/LayerNorm "
+            "or mode='sequential'"
+        )
+    eval_model = copy.deepcopy(model).eval()
+    global_params = get_parameters(model)
+    parts = [np.asarray(p, dtype=np.int64) for p in partitions]
+    client_ids = list(range(len(parts)))
+    rng = np.random.default_rng(seed)
+    trainer = _Trainer(model, strategy, x, y, lr or 0.0)
+    history: list[RoundRecord] = []
+    for server_round in range(1, rounds + 1):
+        start = time.perf_counter()
+        if clients_per_round is None:
+            selected = strategy.configure_fit(server_round, client_ids, rng)
+        else:
+            selected = sample_clients(client_ids, clients_per_round, rng)
+            strategy.record_sampling(len(selected), len(client_ids))
+        if not selected:
+            raise ConfigError(
+                f"strategy {strategy.name!r} sampled no clients from {len(client_ids)}; "
+                "lower its min_fit_clients or pass clients_per_round"
+            )
+        round_lr = (
+            lr if lr is not None else float(strategy.fit_config(server_round).get("lr", 0.05))
+        )
+        trainer.lr = round_lr
+        plans = round_plans(parts, selected, local_epochs, batch_size, seed, server_round)
+        trained = (trainer.vmapped if mode == "vmap" else trainer.sequential)(plans, global_params)
+        results = []
+        for plan, (update, loss) in zip(plans, trained, strict=True):
+            gen = torch.Generator().manual_seed(plan.noise_seed)
+            update = strategy.client_update(update, gen)
+            result = FitResult(
+                plan.client_id, update, plan.num_examples, {"train_loss": loss}, is_update=True
+            )
+            results.append(transform_results(result) if transform_results else result)
+        global_params = strategy.aggregate_fit(server_round, results, global_params)
+        train_loss = weighted_metrics(
+            [r.metrics for r in results], [r.num_examples for r in results]
+        ).get("train_loss", float("nan"))
+        test_loss = test_acc = None
+        if test is not None:
+            test_loss, test_acc = evaluate(eval_model, global_params, *test)
+        record = RoundRecord(
+            round=server_round,
+            clients=selected,
+            train_loss=train_loss,
+            test_loss=test_loss,
+            test_accuracy=test_acc,
+            bytes_down=num_bytes(global_params) * len(selected),
+            bytes_up=sum(num_bytes(r.parameters) for r in results),
+            seconds=time.perf_counter() - start,
+            metrics=strategy.round_metrics(),
+        )
+        history.append(record)
+        if on_round is not None:
+            on_round(record)
+    return History(history, global_params)
+
+
+def _check_args(
+    partitions: Sequence[Any],
+    rounds: int,
+    clients_per_round: int | None,
+    local_epochs: int,
+    batch_size: int,
+    mode: str,
+) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"unknown simulation mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if not partitions or any(len(p) == 0 for p in partitions):
+        raise ConfigError("every client partition must hold at least one sample")
+    if rounds < 1 or local_epochs < 1 or batch_size < 1:
+        raise ConfigError(
+            f"rounds, local_epochs and batch_size must be >= 1, got {rounds}, {local_epochs}, "
+            f"{batch_size}"
+        )
+    if clients_per_round is not None and not 1 <= clients_per_round <= len(partitions):
+        raise ConfigError(
+            f"clients_per_round must be in 1..{len(partitions)} (the number of clients), "
+            f"got {clients_per_round}"
+        )
