@@ -20,7 +20,9 @@ def test_every_field_has_a_default() -> None:
 
 
 def test_overrides_are_parsed_as_yaml_and_nested() -> None:
-    cfg = load_config(overrides=["optimizer.lr=0.25", "schedule.decay=linear", "model.args={hidden: 32}"])
+    cfg = load_config(
+        overrides=["optimizer.lr=0.25", "schedule.decay=linear", "model.args={hidden: 32}"]
+    )
     assert cfg.optimizer.lr == 0.25
     assert cfg.schedule.decay == "linear"
     assert cfg.model.args == {"hidden": 32}

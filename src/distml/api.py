@@ -43,9 +43,10 @@ def preflight(cfg: Config, world_size: int) -> None:
     )
     with torch.device("meta"):
         build_model_for(cfg, bundle)
-    if cfg.checkpoint.resume not in (False, True) and isinstance(cfg.checkpoint.resume, str):
-        if cfg.checkpoint.resume not in ("auto", "latest", "true") and not Path(cfg.checkpoint.resume).is_file():
-            raise UserError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such file")
+    resume = cfg.checkpoint.resume
+    named_file = isinstance(resume, str) and resume not in ("auto", "latest", "true")
+    if named_file and not Path(str(resume)).is_file():
+        raise UserError(f"checkpoint.resume={resume!r}: no such file; pass an existing checkpoint")
 
 
 def _train_worker(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -84,9 +85,7 @@ def _predict_worker(
     try:
         state, model = load_for_inference(checkpoint, ctx.device)
         task = state["task"]
-        inputs = read_inputs(
-            input_spec, state, lambda: build_datasets(cfg.data, cfg.seed, task)
-        )
+        inputs = read_inputs(input_spec, state, lambda: build_datasets(cfg.data, cfg.seed, task))
         local = run_shard(model, inputs, ctx, cfg.data.eval_batch_size)
         full = gather_in_order(local, len(inputs), ctx)
         if full is not None:
@@ -106,8 +105,14 @@ def predict(
     check_output_path(output)
     load_checkpoint(checkpoint)  # fail fast, in this process, on a bad checkpoint
     if not input_spec.startswith("split:") and not Path(input_spec).is_file():
-        raise UserError(f"input file not found: {input_spec}; pass a .npy or .csv file or split:test")
-    launch(_predict_worker, (cfg.to_dict(), checkpoint, input_spec, output), spec or LaunchSpec(nproc=1))
+        raise UserError(
+            f"input file not found: {input_spec}; pass a .npy or .csv file or split:test"
+        )
+    launch(
+        _predict_worker,
+        (cfg.to_dict(), checkpoint, input_spec, output),
+        spec or LaunchSpec(nproc=1),
+    )
     return Path(output)
 
 
@@ -150,7 +155,9 @@ def info() -> dict[str, Any]:
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda_available": cuda,
-        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if cuda
+        else [],
         "backends": {
             "gloo": dist.is_available() and dist.is_gloo_available(),
             "nccl": dist.is_available() and dist.is_nccl_available(),

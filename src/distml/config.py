@@ -99,6 +99,13 @@ class ParallelSection(_Section):
     gradient_as_bucket_view: bool = True
     #: Per-worker intra-op threads; 0 leaves torch's default (cores / workers).
     threads_per_worker: int = Field(0, ge=0)
+    #: Gradient compression DDP hook: none | fp16 | bf16 | int8 | topk | powersgd.
+    compression: str = "none"
+    #: Options of the compression hook (e.g. {fraction: 0.01} for topk, {rank: 4} for powersgd).
+    compression_options: dict[str, Any] = Field(default_factory=dict)
+    #: All-reduce used by DDP: the backend's builtin, or distml's ring |
+    #: halving_doubling | tree | hierarchical over point-to-point.
+    allreduce_algorithm: str = "builtin"
 
 
 class CheckpointSection(_Section):
@@ -169,7 +176,9 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key or key.strip() != key:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optimizer.lr=0.1)")
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. optimizer.lr=0.1)"
+            )
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
@@ -201,7 +210,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(data).__name__}")
+        raise ConfigError(
+            f"config file {p} must hold a mapping of sections, not {type(data).__name__}"
+        )
     return data
 
 

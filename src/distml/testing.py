@@ -9,6 +9,7 @@ never leaves workers or bound ports behind.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -177,8 +178,6 @@ def run_cli(
             f"distml {' '.join(argv)} timed out after {timeout:.0f}s\n{out}\n{err}"
         ) from None
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # reap any worker left in the session
-        except ProcessLookupError:
-            pass
     return CliResult(proc.returncode, out, err, time.monotonic() - start)

@@ -86,21 +86,24 @@ class _Checks:
 def _all_reduce_checks(checks: _Checks, rank: int, world: int) -> None:
     for case in range(len(CASES)):
         x = _data(rank, case)
+        total = x.clone()
+        dist.all_reduce(total)
+        results = []
         for algo, fn in ALGORITHMS.items():
             for op in ("sum", "avg"):
                 mine = x.clone()
                 returned = fn(mine, op)
-                ref = x.clone()
-                dist.all_reduce(ref)
-                if op == "avg":
-                    ref /= world
+                ref = total / world if op == "avg" else total
                 key = f"all_reduce/{algo}/{op}/{_name(case)}"
                 checks.close(key, mine, ref, exact=False)
-                # Replicas must agree bit for bit or DDP models drift apart.
-                everyone = [torch.empty_like(mine) for _ in range(world)]
-                dist.all_gather(everyone, mine.contiguous())
-                same = all(torch.equal(everyone[0], t) for t in everyone)
-                checks.true(f"{key}/in_place_identical", returned is mine and same, "not in place")
+                checks.true(f"{key}/in_place", returned is mine, "returned another tensor")
+                results.append(mine.reshape(-1))
+        # Replicas must agree bit for bit or DDP models drift apart.
+        stacked = torch.cat(results)
+        everyone = [torch.empty_like(stacked) for _ in range(world)]
+        dist.all_gather(everyone, stacked)
+        same = all(torch.equal(everyone[0], t) for t in everyone)
+        checks.true(f"all_reduce/replicas_identical/{_name(case)}", same, "replicas differ")
     ints = torch.randint(-9, 9, (13,), generator=torch.Generator().manual_seed(rank))
     for algo in ALGORITHMS:
         for op, ref_op in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX)):
@@ -138,6 +141,20 @@ def _rooted_checks(checks: _Checks, rank: int, world: int) -> None:
         gathered_all = all_gather(x)
         dist.all_gather(ref_list, x.contiguous())
         checks.close(f"all_gather/{name}", torch.stack(gathered_all), torch.stack(ref_list), True)
+
+    # Caller-provided output lists are filled in place and returned.
+    x = _data(rank, 2)
+    out = [torch.zeros_like(x) for _ in range(world)]
+    filled = all_gather(x, tensor_list=out)
+    ref_list = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(ref_list, x)
+    checks.close("out_list/all_gather", torch.stack(out), torch.stack(ref_list), exact=True)
+    checks.true("out_list/all_gather_same", filled is out, "returned a new list")
+    out = [torch.zeros_like(x) for _ in range(world)]
+    root_list = gather(x, 0, gather_list=out if rank == 0 else None)
+    if rank == 0:
+        checks.close("out_list/gather", torch.stack(out), torch.stack(ref_list), exact=True)
+        checks.true("out_list/gather_same", root_list is out, "returned a new list")
 
 
 def _subgroup_checks(checks: _Checks, rank: int, world: int) -> None:
@@ -251,8 +268,9 @@ WORLDS = [2, 3, 4]
 @pytest.mark.parametrize("world", WORLDS)
 def test_all_reduce_algorithms_match_builtin(battery: Any, world: int) -> None:
     verdicts = _verdicts(battery(world), "all_reduce/")
-    # 3 algorithms x 2 ops x cases x (value + replica check), plus the int64 sum/max cases.
-    assert len(verdicts) == world * (3 * 2 * len(CASES) * 2 + 3 * 2)
+    # 3 algorithms x 2 ops x cases x (value + in place), one replica check per case,
+    # plus the int64 sum/max cases.
+    assert len(verdicts) == world * (3 * 2 * len(CASES) * 2 + len(CASES) + 3 * 2)
     assert {k: v for k, v in verdicts.items() if v} == {}
 
 
@@ -261,6 +279,12 @@ def test_all_reduce_algorithms_match_builtin(battery: Any, world: int) -> None:
 def test_rooted_collectives_match_builtin(battery: Any, world: int, collective: str) -> None:
     verdicts = _verdicts(battery(world), f"{collective}/")
     assert len(verdicts) == world * len(CASES)
+    assert {k: v for k, v in verdicts.items() if v} == {}
+
+
+def test_output_lists_are_filled(battery: Any) -> None:
+    verdicts = _verdicts(battery(3), "out_list/")
+    assert len(verdicts) == 3 * 2 + 2  # all_gather on every rank, gather on the root
     assert {k: v for k, v in verdicts.items() if v} == {}
 
 

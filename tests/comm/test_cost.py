@@ -106,3 +106,8 @@ def test_measure_alpha_beta_on_loopback() -> None:
     ratios = sorted(abs(math.log(fitted.time(n) / t)) for n, t in samples)
     assert ratios[len(ratios) // 2] < math.log(3), (samples, fitted)
     assert ratios[-1] < math.log(100), (samples, fitted)
+
+
+def test_measure_needs_an_initialized_group() -> None:
+    with pytest.raises(UserError, match=r"torch\.distributed is not initialized"):
+        measure_alpha_beta()

@@ -20,7 +20,7 @@ def test_digits_shapes_and_split() -> None:
     assert len(bundle.test) == round(1797 * 0.2)
     x, y = bundle.train.get_batch(torch.arange(4))
     assert x.shape == (4, 1, 8, 8) and y.dtype == torch.long
-    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     assert bundle.info.model_defaults()["in_channels"] == 1
     again = build_datasets(DataSection(name="digits"), seed=0)
     assert torch.equal(again.test.targets, bundle.test.targets)
@@ -38,7 +38,9 @@ def test_synthetic_is_seeded_and_sized(name: str) -> None:
 
 
 def test_text_char_windows_shift_by_one(shakespeare) -> None:
-    bundle = build_datasets(DataSection(name="text", path=str(shakespeare), seq_len=32), 0, "causal_lm")
+    bundle = build_datasets(
+        DataSection(name="text", path=str(shakespeare), seq_len=32), 0, "causal_lm"
+    )
     x, y = bundle.train.get_batch(torch.tensor([0, 5]))
     assert x.shape == y.shape == (2, 32)
     assert torch.equal(x[:, 1:], y[:, :-1])
@@ -73,7 +75,9 @@ def test_text_errors(tmp_path) -> None:
 def test_unknown_dataset() -> None:
     with pytest.raises(ConfigError) as err:
         build_datasets(DataSection(name="imagenet"))
-    assert str(err.value).startswith("unknown dataset 'imagenet' (data.name); choose one of: cifar10, digits")
+    assert str(err.value).startswith(
+        "unknown dataset 'imagenet' (data.name); choose one of: cifar10, digits"
+    )
 
 
 def _write_idx(path, array: np.ndarray, compress: bool) -> None:
@@ -119,7 +123,9 @@ def test_cifar10_reader_on_local_files(tmp_path) -> None:
     for name in names:
         labels = rng.integers(0, 10, (3, 1))
         pixels = rng.integers(0, 256, (3, 3072))
-        (folder / name).write_bytes(np.concatenate([labels, pixels], axis=1).astype(np.uint8).tobytes())
+        (folder / name).write_bytes(
+            np.concatenate([labels, pixels], axis=1).astype(np.uint8).tobytes()
+        )
     bundle = build_datasets(DataSection(name="cifar10", path=str(tmp_path)))
     assert bundle.train.inputs.shape == (15, 3, 32, 32) and len(bundle.test) == 3
     (folder / "test_batch.bin").unlink()

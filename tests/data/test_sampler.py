@@ -20,7 +20,9 @@ def test_eval_shards_are_disjoint_and_cover(n: int, world: int) -> None:
     assert sorted(seen) == list(range(n))
 
 
-@pytest.mark.parametrize("n,batch,world,accum", [(100, 12, 2, 1), (1437, 64, 4, 2), (50, 6, 3, 2), (64, 64, 1, 4)])
+@pytest.mark.parametrize(
+    "n,batch,world,accum", [(100, 12, 2, 1), (1437, 64, 4, 2), (50, 6, 3, 2), (64, 64, 1, 4)]
+)
 def test_training_batches_are_disjoint_and_form_the_global_batch(n, batch, world, accum) -> None:
     samplers = [GlobalBatchSampler(n, batch, r, world, accum, seed=5) for r in range(world)]
     for epoch in (0, 1):

@@ -26,14 +26,26 @@ def _cfg(run_dir: str, accumulation: int) -> dict:
     }
 
 
-def _train(cfg: dict) -> dict[str, torch.Tensor]:
+def _train(cfg: dict, summary: dict | None = None) -> dict[str, torch.Tensor]:
     trainer = Trainer(build_config(cfg))
-    trainer.fit()
+    result = trainer.fit()
+    if summary is not None:
+        summary.update(result)
     return {k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()}
 
 
-def _train_both(rank: int, world: int, root: str) -> list[dict[str, torch.Tensor]]:
-    return [_train(_cfg(f"{root}/ddp-acc{acc}", acc)) for acc in (1, 2)]
+def _train_both(rank: int, world: int, root: str) -> list:
+    runs: list = [_train(_cfg(f"{root}/ddp-acc{acc}", acc)) for acc in (1, 2)]
+    # distml's own ring all-reduce as DDP's hook, and fp16 gradient compression.
+    ring = _cfg(f"{root}/ring", 1)
+    ring["parallel"] = {"allreduce_algorithm": "ring"}
+    runs.append(_train(ring))
+    fp16 = _cfg(f"{root}/fp16", 1)
+    fp16["parallel"] = {"compression": "fp16"}
+    summary: dict = {}
+    runs.append(_train(fp16, summary))
+    runs.append(summary)
+    return runs
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -49,6 +61,11 @@ def test_ddp_world2_equals_single_process_with_and_without_accumulation(tmp_path
     for accumulated in (0, 1):
         _assert_same(ranks[0][accumulated], ranks[1][accumulated])  # replicas agree
         _assert_same(ranks[0][accumulated], ref)
+    _assert_same(ranks[0][2], ref)  # ring all-reduce hook: same average
+    fp16 = ranks[0][3]
+    for key in ref:  # fp16 gradients: close, not equal
+        torch.testing.assert_close(fp16[key], ref[key], rtol=1e-2, atol=1e-3)
+    assert ranks[0][4]["compression"] == "fp16" and ranks[0][4]["compression_ratio"] == 2.0
     # The 5 steps really changed the weights, so equality above is meaningful.
     moved = [not torch.equal(init[k], ref[k]) for k in ref if ref[k].is_floating_point()]
     assert all(moved)

@@ -37,7 +37,9 @@ def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[
         elif config is None:
             config = item
         else:
-            raise UserError(f"unexpected argument {item!r}: give one CONFIG.yaml and key=value overrides")
+            raise UserError(
+                f"unexpected argument {item!r}: give one CONFIG.yaml and key=value overrides"
+            )
     return config, overrides
 
 
@@ -95,8 +97,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"{args.split}: loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
-              f"({int(metrics['samples'])} samples)")
+        print(
+            f"{args.split}: loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
+            f"({int(metrics['samples'])} samples)"
+        )
     return 0
 
 
@@ -125,9 +129,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def _add_launch_args(p: argparse.ArgumentParser, nproc_help: str) -> None:
     p.add_argument("--nproc", type=int, default=None, help=nproc_help)
-    p.add_argument("--nnodes", default="1", help="number of nodes N, or MIN:MAX for elastic jobs (default 1)")
-    p.add_argument("--node-rank", type=int, default=None, help="this node's rank in a multi-node job")
-    p.add_argument("--master", default=None, help="ADDR:PORT of node rank 0's rendezvous (multi-node)")
+    p.add_argument(
+        "--nnodes", default="1", help="number of nodes N, or MIN:MAX for elastic jobs (default 1)"
+    )
+    p.add_argument(
+        "--node-rank", type=int, default=None, help="this node's rank in a multi-node job"
+    )
+    p.add_argument(
+        "--master", default=None, help="ADDR:PORT of node rank 0's rendezvous (multi-node)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,29 +151,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model data-parallel on N workers",
-                       description="Launch workers with torch.distributed's elastic launcher and "
-                       "train CONFIG (default: digits CNN on 2 workers). Backend nccl with one GPU per "
-                       "worker when CUDA is present, else gloo on CPU.")
+    p = sub.add_parser(
+        "train",
+        help="train a model data-parallel on N workers",
+        description="Launch workers with torch.distributed's elastic launcher and "
+        "train CONFIG (default: digits CNN on 2 workers). Backend nccl with one GPU per "
+        "worker when CUDA is present, else gloo on CPU.",
+    )
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     _add_launch_args(p, "workers per node (default: parallel.nproc of the config)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from the latest checkpoint in checkpoint.dir, or from PATH")
-    p.add_argument("--profile", action="store_true", help="write a torch.profiler trace to the run dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines and the summary table stay)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="resume from the latest checkpoint in checkpoint.dir, or from PATH",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="write a torch.profiler trace to the run dir"
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (epoch lines and the summary table stay)",
+    )
     p.add_argument("--summary-json", default=None, help="also write the run summary as JSON here")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="data-parallel inference with a checkpoint",
-                       description="Split the inputs across workers (no gradient sync), gather the "
-                       "outputs in input order into one file.")
+    p = sub.add_parser(
+        "predict",
+        help="data-parallel inference with a checkpoint",
+        description="Split the inputs across workers (no gradient sync), gather the "
+        "outputs in input order into one file.",
+    )
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     p.add_argument("--checkpoint", required=True, help="a step_*.pt checkpoint")
-    p.add_argument("--input", required=True, help=".npy or .csv of inputs, or split:test / split:train")
+    p.add_argument(
+        "--input", required=True, help=".npy or .csv of inputs, or split:test / split:train"
+    )
     p.add_argument("--output", required=True, help="output file: .npy (logits), .csv or .jsonl")
     _add_launch_args(p, "workers (default 1)")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="metrics of a checkpoint on a dataset split")
@@ -172,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="train or test (default test)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     _add_launch_args(p, "workers (default 1)")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="torch version, backends, devices, cores")
@@ -187,7 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options (`train --nproc 2 optimizer.lr=0.1`): collect the
+    # leftover key=value words into the command's items instead of rejecting them.
+    args, leftover = parser.parse_known_args(argv)
+    stray = [word for word in leftover if word.startswith("-") or not hasattr(args, "items")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if leftover:
+        args.items = [*args.items, *leftover]
     if args.command is None:
         parser.print_help()
         return 2

@@ -11,6 +11,7 @@ All-reduce variants operate in place on the caller's tensor and return it.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,20 +55,38 @@ class GroupView:
         return self.ranks.index(global_rank)
 
 
-def group_view(group: ProcessGroupLike = None) -> GroupView:
-    """Resolve ``group`` (None is the default group) to its ranks and this process's index."""
+def _require_initialized() -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise UserError(
             "torch.distributed is not initialized; call distml.runtime.init_distributed() "
             "or dist.init_process_group() before running a collective"
         )
+
+
+def group_view(group: ProcessGroupLike = None, device: torch.device | None = None) -> GroupView:
+    """Resolve ``group`` (None is the default group) to its ranks and this process's index.
+
+    With a CUDA ``device`` it also readies the NCCL communicator (see
+    :func:`ensure_communicator`), so every rank of the group must call it.
+    """
+    _require_initialized()
     me = dist.get_rank()
     if group is dist.GroupMember.NON_GROUP_MEMBER:
         raise UserError(
             f"rank {me} is not in this process group; call the collective only on the group's ranks"
         )
     ranks = tuple(dist.get_process_group_ranks(group))
-    return GroupView(group, ranks, ranks.index(me))
+    view = GroupView(group, ranks, ranks.index(me))
+    ensure_communicator(view, device)
+    return view
+
+
+def backend_device(group: ProcessGroupLike = None) -> torch.device:
+    """Where ``group``'s messages must live: the current CUDA device for nccl, else the CPU."""
+    _require_initialized()
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def normalize_op(op: ReduceOpLike, dtype: torch.dtype | None = None) -> str:
@@ -97,24 +116,25 @@ def _combiner(op: str) -> Callable[[torch.Tensor, torch.Tensor], object]:
     return lambda acc, inc: torch.minimum(acc, inc, out=acc)
 
 
-_warm_nccl_groups: set[str] = set()
+_warm_nccl_groups: weakref.WeakSet[dist.ProcessGroup] = weakref.WeakSet()
 
 
-def _ensure_communicator(view: GroupView, device: torch.device) -> None:
+def ensure_communicator(view: GroupView, device: torch.device | None) -> None:
     """Create the NCCL communicator with all ranks before the first batched p2p call.
 
     NCCL requires every rank of a group to join the group's first batched p2p
     call; tree algorithms start with only some ranks talking, so one tiny
-    built-in collective on first use gives them a communicator to share.
+    built-in collective on first use gives them a communicator to share. Every
+    rank of the group must reach this call, so the public collectives make it
+    on entry, before any rank can block on a message.
     """
-    if device.type != "cuda" or view.size == 1:
+    if device is None or device.type != "cuda" or view.size == 1:
         return
     pg = view.group if view.group is not None else dist.group.WORLD
-    key = str(getattr(pg, "group_name", id(pg)))
-    if key in _warm_nccl_groups or dist.get_backend(view.group) != "nccl":
+    if pg is None or pg in _warm_nccl_groups or dist.get_backend(view.group) != "nccl":
         return
     dist.all_reduce(torch.zeros(1, device=device), group=view.group)
-    _warm_nccl_groups.add(key)
+    _warm_nccl_groups.add(pg)
 
 
 def exchange(
@@ -138,7 +158,6 @@ def exchange(
         if t.numel() > 0
     ]
     if ops:
-        _ensure_communicator(view, ops[0].tensor.device)
         for work in dist.batch_isend_irecv(ops):
             work.wait()
 
@@ -186,7 +205,7 @@ def ring_all_reduce_flat(flat: torch.Tensor, op: str, view: GroupView) -> None:
         combine(incoming, received)
     # After p-1 steps this rank holds the full reduction of chunk me+1.
     if op == "avg":
-        chunk(me).div_(p)
+        chunk(me + 1).div_(p)
     for step in range(p - 1):
         exchange(view, [(chunk(me + 1 - step), me + 1)], [(chunk(me - step), me - 1)])
 
@@ -302,7 +321,7 @@ def ring_all_reduce(
     tensor: torch.Tensor, op: ReduceOpLike = "sum", group: ProcessGroupLike = None
 ) -> torch.Tensor:
     """Bandwidth-optimal ring all-reduce in place: ``2(p-1)`` steps of ``n/p`` elements."""
-    name, view = normalize_op(op, tensor.dtype), group_view(group)
+    name, view = normalize_op(op, tensor.dtype), group_view(group, tensor.device)
     with flattened(tensor) as flat:
         ring_all_reduce_flat(flat, name, view)
     return tensor
@@ -312,7 +331,7 @@ def halving_doubling_all_reduce(
     tensor: torch.Tensor, op: ReduceOpLike = "sum", group: ProcessGroupLike = None
 ) -> torch.Tensor:
     """Recursive halving-doubling (Rabenseifner) all-reduce in place: ``2 log2 p`` steps."""
-    name, view = normalize_op(op, tensor.dtype), group_view(group)
+    name, view = normalize_op(op, tensor.dtype), group_view(group, tensor.device)
     with flattened(tensor) as flat:
         halving_doubling_all_reduce_flat(flat, name, view)
     return tensor
@@ -322,7 +341,7 @@ def tree_all_reduce(
     tensor: torch.Tensor, op: ReduceOpLike = "sum", group: ProcessGroupLike = None
 ) -> torch.Tensor:
     """Binomial-tree reduce to the group's first rank then binomial broadcast, in place."""
-    name, view = normalize_op(op, tensor.dtype), group_view(group)
+    name, view = normalize_op(op, tensor.dtype), group_view(group, tensor.device)
     with flattened(tensor) as flat:
         tree_reduce_flat(flat, name, 0, view)
         tree_broadcast_flat(flat, 0, view)
@@ -331,7 +350,7 @@ def tree_all_reduce(
 
 def broadcast(tensor: torch.Tensor, src: int, group: ProcessGroupLike = None) -> torch.Tensor:
     """Binomial-tree broadcast of ``tensor`` from global rank ``src``, in place on every rank."""
-    view = group_view(group)
+    view = group_view(group, tensor.device)
     with flattened(tensor) as flat:
         tree_broadcast_flat(flat, view.index_of(src, "src"), view)
     return tensor
@@ -341,7 +360,7 @@ def reduce(
     tensor: torch.Tensor, dst: int, op: ReduceOpLike = "sum", group: ProcessGroupLike = None
 ) -> torch.Tensor:
     """Binomial-tree reduce to global rank ``dst``, in place there; other ranks keep their input."""
-    name, view = normalize_op(op, tensor.dtype), group_view(group)
+    name, view = normalize_op(op, tensor.dtype), group_view(group, tensor.device)
     root = view.index_of(dst, "dst")
     if view.index == root:
         with flattened(tensor) as flat:
@@ -364,7 +383,7 @@ def gather(
     dtype. The root returns the list ordered by group rank (and fills
     ``gather_list`` when given); other ranks return None.
     """
-    view = group_view(group)
+    view = group_view(group, tensor.device)
     p, root = view.size, view.index_of(dst, "dst")
     relative = (view.index - root) % p
     n = tensor.numel()
@@ -394,7 +413,7 @@ def all_gather(
     tensor_list: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Ring all-gather: every rank returns all ranks' tensors ordered by group rank."""
-    view = group_view(group)
+    view = group_view(group, tensor.device)
     p, me, n = view.size, view.index, tensor.numel()
     buffer = torch.empty(p * n, dtype=tensor.dtype, device=tensor.device)
 

@@ -8,7 +8,7 @@ summable, so ranks all-gather them, decode and average locally, optionally
 with error feedback. "powersgd" sends a rank-r factorisation of each gradient
 matrix (warm-started, with error feedback). Every state counts bytes so the
 run summary can report the compression ratio, and checkpoints its residuals
-through ``state_dict`` / ``load_state_dict`` (plain tensors, ints and lists).
+through ``state_dict`` / ``load_state_dict`` (plain tensors and ints).
 
 This module deliberately does not use ``from __future__ import annotations``:
 DDP inspects the hook's annotations at registration and rejects strings.
@@ -88,6 +88,8 @@ class ParamSlices:
         self, index: int, ptrs: tuple[int, ...], numels: tuple[int, ...], flat: torch.Tensor
     ) -> None:
         self._flats[index] = (ptrs, numels, flat)
+        for ptr in ptrs:  # a slice unpacked while this bucket was in flight is now stale
+            self._loose.pop(self._positions[ptr], None)
 
     def _unpack_all(self) -> None:
         self._loose.update(self.by_position())
@@ -336,7 +338,13 @@ def _orthonormal_columns(p: torch.Tensor) -> torch.Tensor:
 
 
 def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> Future[torch.Tensor]:
-    """One PowerSGD step: all-reduce P = M Q, orthonormalise, all-reduce Q = M^T P."""
+    """One PowerSGD step: all-reduce P = M Q, orthonormalise, all-reduce Q = M^T P.
+
+    Both collectives are issued here, in bucket order, and waited for. Chaining
+    the second one in a future callback would issue it from a gloo worker
+    thread, racing the next bucket's first collective, and ranks could then
+    pair up different collectives.
+    """
     buffer = bucket.buffer()
     index = bucket.index()
     ptrs, numels = state._layout(bucket)
@@ -359,42 +367,40 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> Future[torch
     first = torch.cat([g.reshape(-1) for g in dense] + [p.reshape(-1) for p in ps])
     q_numels = tuple(q.numel() for q in qs)
     state._count(buffer, (first.numel() + sum(q_numels)) * buffer.element_size())
-    fut = dist.all_reduce(first, group=state.process_group, async_op=True).get_future()
 
-    def second(done: Future[list[torch.Tensor]]) -> torch.Tensor:
-        reduced = done.value()[0]
-        pieces = torch.split(reduced, [g.numel() for g in dense] + [p.numel() for p in ps])
-        dense_avg = [piece.div_(world) for piece in pieces[: len(dense)]]
-        ps_hat = [
-            _orthonormal_columns(piece.view_as(p))
-            for piece, p in zip(pieces[len(dense) :], ps, strict=True)
+    dist.all_reduce(first, group=state.process_group)
+    pieces = torch.split(first, [g.numel() for g in dense] + [p.numel() for p in ps])
+    dense_avg = [piece.div_(world) for piece in pieces[: len(dense)]]
+    ps_hat = [
+        _orthonormal_columns(piece.view_as(p))
+        for piece, p in zip(pieces[len(dense) :], ps, strict=True)
+    ]
+    local_qs = [m.t() @ p for m, p in zip(matrices, ps_hat, strict=True)]
+    if state.error_feedback:
+        # The residual is what this rank's own factors P Q_local^T miss.
+        for m, p, q in zip(matrices, ps_hat, local_qs, strict=True):
+            m.sub_(p @ q.t())
+        for g in dense:
+            g.zero_()
+        state.errors.put(index, ptrs, numels, buffer.clone())
+    mean_qs: list[torch.Tensor] = []
+    if local_qs:
+        q_flat = torch.cat([q.reshape(-1) for q in local_qs])
+        dist.all_reduce(q_flat, group=state.process_group)
+        q_flat.div_(world)
+        mean_qs = [
+            piece.view_as(q)
+            for piece, q in zip(torch.split(q_flat, list(q_numels)), local_qs, strict=True)
         ]
-        local_qs = [m.t() @ p for m, p in zip(matrices, ps_hat, strict=True)]
-        if state.error_feedback:
-            # The residual is what this rank's own factors P Q_local^T miss.
-            for m, p, q in zip(matrices, ps_hat, local_qs, strict=True):
-                m.sub_(p @ q.t())
-            for g in dense:
-                g.zero_()
-            state.errors.put(index, ptrs, numels, buffer.clone())
-        mean_qs: list[torch.Tensor] = []
-        if local_qs:
-            q_flat = torch.cat([q.reshape(-1) for q in local_qs])
-            dist.all_reduce(q_flat, group=state.process_group, async_op=True).get_future().wait()
-            q_flat.div_(world)
-            mean_qs = [
-                piece.view_as(q)
-                for piece, q in zip(torch.split(q_flat, list(q_numels)), local_qs, strict=True)
-            ]
-            if state.warm_start:
-                state.qs.put(index, tuple(matrix_ptrs), q_numels, q_flat)
-        for g, avg in zip(dense, dense_avg, strict=True):
-            g.copy_(avg.view_as(g))
-        for m, p, q in zip(matrices, ps_hat, mean_qs, strict=True):
-            m.copy_(p @ q.t())
-        return buffer
-
-    return fut.then(second)
+        if state.warm_start:
+            state.qs.put(index, tuple(matrix_ptrs), q_numels, q_flat)
+    for g, avg in zip(dense, dense_avg, strict=True):
+        g.copy_(avg.view_as(g))
+    for m, p, q in zip(matrices, ps_hat, mean_qs, strict=True):
+        m.copy_(p @ q.t())
+    done: Future[torch.Tensor] = Future()
+    done.set_result(buffer)
+    return done
 
 
 Hook = Callable[[Any, dist.GradBucket], Future[torch.Tensor]]
@@ -415,7 +421,7 @@ _HOOK_OPTIONS: dict[str, dict[str, type]] = {
 }
 
 
-def _check_options(name: str, options: Mapping[str, Any]) -> None:
+def check_compression_options(name: str, options: Mapping[str, Any]) -> None:
     allowed = _HOOK_OPTIONS[name]
     for key, value in options.items():
         if key not in allowed:
@@ -448,7 +454,7 @@ def make_compression_hook(
         raise ConfigError(
             f"unknown gradient compression {name!r}; choose one of: {', '.join(HOOK_NAMES)}"
         )
-    _check_options(name, options)
+    check_compression_options(name, options)
     if name in ("none", "fp16", "bf16"):
         dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
         return AllReduceState(name, process_group, dtype), allreduce_hook

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from distml.comm.collectives import ProcessGroupLike, broadcast, exchange, group_view
+from distml.comm.collectives import (
+    ProcessGroupLike,
+    backend_device,
+    broadcast,
+    exchange,
+    group_view,
+)
 from distml.errors import ConfigError, UserError
 
 
@@ -141,9 +147,11 @@ def ping_pong_times(
     first peer times round trips and returns the samples; every other rank
     returns ``[]`` (the second peer only echoes). A first untimed round warms
     up the connection. The fastest trip is kept because scheduler noise on a
-    shared host only ever adds time.
+    shared host only ever adds time. ``device`` defaults to the backend's
+    (the current CUDA device under nccl, else the CPU).
     """
-    view = group_view(group)
+    device = device if device is not None else backend_device(group)
+    view = group_view(group, device)  # joined by bystanders too: it may be a collective
     if view.size < 2:
         raise UserError("measuring a link needs a process group of at least 2 ranks")
     first, second = peers if peers is not None else view.ranks[:2]
@@ -201,6 +209,7 @@ def measure_alpha_beta(
     The first of ``peers`` fits the samples and broadcasts alpha and beta to
     the whole group, so all ranks can make the same algorithm choice.
     """
+    device = device if device is not None else backend_device(group)
     samples = ping_pong_times(group, sizes, repeats, peers, device)
     view = group_view(group)
     root = peers[0] if peers is not None else view.ranks[0]

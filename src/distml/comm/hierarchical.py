@@ -22,6 +22,7 @@ import torch.distributed as dist
 from distml.comm.collectives import (
     ReduceOpLike,
     all_gather,
+    backend_device,
     flattened,
     group_view,
     normalize_op,
@@ -76,7 +77,7 @@ def discover_host_groups() -> list[list[int]]:
     numbers of processes or ranks are not numbered host by host. Every rank
     must call it.
     """
-    mine = torch.tensor([_host_key()], dtype=torch.int64)
+    mine = torch.tensor([_host_key()], dtype=torch.int64, device=backend_device())
     keys = [int(t.item()) for t in all_gather(mine)]
     groups: dict[int, list[int]] = {}
     for rank, key in enumerate(keys):
@@ -131,11 +132,12 @@ class HierarchicalAllReduce:
             raise UserError("this HierarchicalAllReduce was closed; build a new one to continue")
         name = normalize_op(op, tensor.dtype)
         partial = "sum" if name == "avg" else name
-        host = group_view(self._host_group)
+        host = group_view(self._host_group, tensor.device)
         with flattened(tensor) as flat:
             tree_reduce_flat(flat, partial, 0, host)
             if self._leader_group is not None:
-                ring_all_reduce_flat(flat, partial, group_view(self._leader_group))
+                leaders = group_view(self._leader_group, tensor.device)
+                ring_all_reduce_flat(flat, partial, leaders)
                 if name == "avg":
                     flat.div_(self.world_size)
             tree_broadcast_flat(flat, 0, host)

@@ -60,9 +60,7 @@ class ArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[index], self.targets[index]
 
-    def get_batch(
-        self, indices: torch.Tensor, epoch: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, indices: torch.Tensor, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[indices], self.targets[indices]
 
 

@@ -35,7 +35,9 @@ def dataset_names() -> list[str]:
     return sorted(_DATASETS)
 
 
-def build_datasets(cfg: DataSection, seed: int = 0, model_task: str = "classification") -> DataBundle:
+def build_datasets(
+    cfg: DataSection, seed: int = 0, model_task: str = "classification"
+) -> DataBundle:
     """Build the train and test splits named by ``cfg.name``."""
     try:
         builder = _DATASETS[cfg.name]
@@ -49,7 +51,7 @@ def build_datasets(cfg: DataSection, seed: int = 0, model_task: str = "classific
 def _split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed + 7)
     perm = torch.randperm(n, generator=gen)
-    n_test = max(1, int(round(n * test_fraction)))
+    n_test = max(1, round(n * test_fraction))
     return perm[n_test:], perm[:n_test]
 
 

@@ -115,9 +115,7 @@ class TokenWindows:
         x, y = self.get_batch(torch.tensor([index]))
         return x[0], y[0]
 
-    def get_batch(
-        self, indices: torch.Tensor, epoch: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, indices: torch.Tensor, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         starts = indices.to(torch.long) * self.seq_len
         windows = self.tokens[starts[:, None] + self._offsets[None, :]]
         if self.objective == "causal":

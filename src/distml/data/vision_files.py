@@ -24,7 +24,14 @@ CIFAR10_FILES = {
     "train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
     "test": ("test_batch.bin",),
 }
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 def _find(root: Path, name: str) -> Path | None:
@@ -55,7 +62,9 @@ def read_idx(path: Path) -> np.ndarray:
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - offset != expected:
-        raise UserError(f"{path} is truncated ({len(raw) - offset} of {expected} bytes); re-download it")
+        raise UserError(
+            f"{path} is truncated ({len(raw) - offset} of {expected} bytes); re-download it"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
 
 
@@ -101,5 +110,7 @@ def _require_dir(root: str | None, dataset: str) -> Path:
         raise UserError(f"dataset '{dataset}' reads local files: set data.path=/dir/with/{dataset}")
     base = Path(root)
     if not base.is_dir():
-        raise UserError(f"{dataset} directory not found: {base}; set data.path to the folder holding the files")
+        raise UserError(
+            f"{dataset} directory not found: {base}; set data.path to the folder holding the files"
+        )
     return base

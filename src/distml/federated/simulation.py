@@ -105,21 +105,40 @@ def round_plans(
     simulation modes train from these plans, which is what makes them agree.
     """
     rng = np.random.default_rng([seed, server_round])
-    plans = []
-    for cid in selected:
-        idx = partitions[cid]
-        n = len(idx)
-        per_epoch = -(-n // batch_size)
-        rows = np.full((local_epochs, per_epoch * batch_size), -1, dtype=np.int64)
-        for epoch in range(local_epochs):
-            rows[epoch, :n] = idx[rng.permutation(n)]
-        batches = rows.reshape(local_epochs * per_epoch, batch_size)
-        plans.append(ClientPlan(cid, batches, n, int(rng.integers(2**62))))
-    return plans
+    m, epochs = len(selected), local_epochs
+    sizes = np.array([len(partitions[c]) for c in selected], dtype=np.int64)
+    steps_per_epoch = -(-sizes // batch_size)
+    max_steps = int((steps_per_epoch * epochs).max())
+    # One segment per (client, epoch); a stable sort on (segment, random key) shuffles every
+    # segment at once, which keeps this cheap for many clients.
+    seg_len = np.repeat(sizes, epochs)
+    seg_id = np.repeat(np.arange(m * epochs), seg_len)
+    order = np.lexsort((rng.random(len(seg_id)), seg_id))
+    source = np.concatenate([np.tile(np.asarray(partitions[c]), epochs) for c in selected])
+    client = np.repeat(np.arange(m), epochs)
+    epoch = np.tile(np.arange(epochs), m)
+    seg_dest = client * max_steps * batch_size + epoch * np.repeat(steps_per_epoch, epochs) * (
+        batch_size
+    )
+    seg_first = np.cumsum(seg_len) - seg_len
+    dest = np.repeat(seg_dest - seg_first, seg_len) + np.arange(len(seg_id))
+    flat = np.full(m * max_steps * batch_size, -1, dtype=np.int64)
+    flat[dest] = source[order]
+    padded = flat.reshape(m, max_steps, batch_size)
+    noise_seeds = rng.integers(0, 2**62, size=m)
+    return [
+        ClientPlan(
+            int(c),
+            padded[k, : int(steps_per_epoch[k]) * epochs],
+            int(sizes[k]),
+            int(noise_seeds[k]),
+        )
+        for k, c in enumerate(selected)
+    ]
 
 
 class _Trainer:
-    """Local training of a round's clients from one global model; both modes share setup."""
+    """Local training of a round's clients from one global model, in either mode."""
 
     def __init__(
         self, model: nn.Module, strategy: Strategy, x: torch.Tensor, y: torch.Tensor, lr: float
@@ -131,6 +150,11 @@ class _Trainer:
         self.lr = lr
         self.names = parameter_names(model)
         self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        # Tied weights appear under several state_dict names; train the first, mirror the rest.
+        first: dict[int, str] = {}
+        self.alias: dict[str, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            self.alias[n] = first.setdefault(id(p), n)
 
     def sequential(
         self, plans: Sequence[ClientPlan], global_params: Parameters
@@ -147,8 +171,7 @@ class _Trainer:
             for step in range(len(plan.batches)):
                 batch = plan.batch(step)
                 opt.zero_grad(set_to_none=True)
-                logits = self.model(self.x[batch])
-                loss = F.cross_entropy(logits, self.y[batch])
+                loss = F.cross_entropy(self.model(self.x[batch]), self.y[batch])
                 term = self.strategy.client_loss_term(params, global_trainable)
                 if term is not None:
                     loss = loss + term
@@ -156,26 +179,29 @@ class _Trainer:
                 opt.step()
                 losses.append(float(loss.detach()))
             update = subtract(list(self.model.state_dict().values()), global_params)
-            out.append((update, float(np.mean(losses)) if losses else 0.0))
+            out.append((update, float(np.mean(losses))))
         return out
 
     def vmapped(
         self, plans: Sequence[ClientPlan], global_params: Parameters
     ) -> list[tuple[Parameters, float]]:
-        """All clients at once: stacked parameters, one vmapped gradient call per step."""
+        """All clients at once: stacked parameters, one vmapped forward and backward per step."""
         m = len(plans)
-        global_by_name = dict(zip(self.names, global_params, strict=True))
+        by_name = dict(zip(self.names, global_params, strict=True))
+        trainable = self.trainable
         stacked = {
-            n: global_by_name[n].unsqueeze(0).expand(m, *global_by_name[n].shape).clone()
-            for n in self.trainable
+            n: by_name[n].unsqueeze(0).expand(m, *by_name[n].shape).clone() for n in trainable
         }
-        frozen = {n: t for n, t in global_by_name.items() if n not in stacked}
-        global_trainable = tuple(global_by_name[n] for n in self.trainable)
+        frozen = {n: t for n, t in by_name.items() if self.alias.get(n, n) not in stacked}
+        global_trainable = tuple(by_name[n] for n in trainable)
         idx, mask, active = _pad_plans(plans)
-        model, strategy, trainable = self.model, self.strategy, self.trainable
+        model, strategy = self.model, self.strategy
+        aliases = {n: p for n, p in self.alias.items() if n != p and p in stacked}
 
         def forward(params: dict[str, torch.Tensor], bx: torch.Tensor) -> torch.Tensor:
-            return functional_call(model, (params, frozen), (bx,))
+            # Aliases are passed explicitly, which lets functional_call skip its tie check.
+            tied = {n: params[p] for n, p in aliases.items()}
+            return functional_call(model, (params, tied, frozen), (bx,), tie_weights=False)
 
         def loss_term(params: dict[str, torch.Tensor]) -> torch.Tensor:
             term = strategy.client_loss_term([params[n] for n in trainable], global_trainable)
@@ -184,9 +210,13 @@ class _Trainer:
         has_term = strategy.client_loss_term(list(global_trainable), global_trainable) is not None
         batched_forward = torch.vmap(forward, randomness="different")
         batched_term = torch.vmap(loss_term)
-        loss_sum = torch.zeros(m, dtype=torch.float64)
         leaves = [stacked[n].requires_grad_() for n in trainable]
-        counts = mask.sum(dim=2).clamp_min(1.0)
+        # weight[s, k, i] = 1/|batch| on a valid row of an active client, else 0: the
+        # weighted sum is each client's mean batch loss, and exactly 0 once it is done.
+        dtype = global_trainable[0].dtype if global_trainable else mask.dtype
+        weight = (mask / mask.sum(dim=2, keepdim=True).clamp_min(1.0)).to(dtype)
+        step_losses = []
+        ones = torch.ones(m, dtype=weight.dtype)
         for s in range(idx.shape[0]):
             rows = idx[s]
             # Forward under vmap, backward with plain autograd: clients are independent, so
@@ -195,25 +225,27 @@ class _Trainer:
             logits = batched_forward(stacked, self.x[rows])
             per_sample = F.cross_entropy(
                 logits.flatten(0, 1), self.y[rows].flatten(), reduction="none"
-            ).view(rows.shape)
-            losses = (per_sample * mask[s].to(per_sample.dtype)).sum(dim=1) / counts[s].to(
-                per_sample.dtype
             )
+            losses = (per_sample.view(rows.shape) * weight[s]).sum(dim=1)
             if has_term:
-                losses = losses + batched_term(stacked)
-            losses = losses * active[s].to(losses.dtype)
-            grads = torch.autograd.grad(losses.sum(), leaves)
+                losses = losses + batched_term(stacked) * active[s].to(losses.dtype)
+            grads = torch.autograd.grad(losses, leaves, grad_outputs=ones)
             with torch.no_grad():
-                for leaf, g in zip(leaves, grads, strict=True):
-                    leaf.sub_(g, alpha=self.lr)
-            loss_sum += losses.detach().double()
-        steps = active.sum(dim=0).double().clamp_min(1.0)
-        mean_loss = (loss_sum / steps).tolist()
+                torch._foreach_add_(leaves, grads, alpha=-self.lr)
+            step_losses.append(losses.detach())
+        steps = active.sum(dim=0).clamp_min(1.0).double()
+        mean_loss = (torch.stack(step_losses).double().sum(dim=0) / steps).tolist()
         with torch.no_grad():
-            deltas = {n: stacked[n] - global_by_name[n] for n in trainable}
-        deltas.update({n: torch.zeros_like(t, dtype=_float(t)) for n, t in frozen.items()})
+            deltas = {n: stacked[n] - by_name[n] for n in trainable}
+        zeros = {n: torch.zeros_like(t, dtype=_float(t)) for n, t in frozen.items()}
         return [
-            ([deltas[n][k] if n in stacked else deltas[n] for n in self.names], mean_loss[k])
+            (
+                [
+                    deltas[self.alias.get(n, n)][k] if n not in zeros else zeros[n]
+                    for n in self.names
+                ],
+                mean_loss[k],
+            )
             for k in range(m)
         ]
 

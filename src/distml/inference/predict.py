@@ -60,7 +60,9 @@ def read_inputs(spec: str, state: dict[str, Any], bundle_loader: Any = None) -> 
         try:
             array = np.load(path, allow_pickle=False)
         except ValueError as exc:
-            raise UserError(f"{path} is not a plain .npy array ({exc}); save it with numpy.save") from None
+            raise UserError(
+                f"{path} is not a plain .npy array ({exc}); save it with numpy.save"
+            ) from None
     elif path.suffix == ".csv":
         array = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
     else:
@@ -130,7 +132,13 @@ def write_outputs(logits: torch.Tensor, path: Path) -> None:
             writer = csv.writer(fh)
             writer.writerow(["index", "prediction", "confidence"])
             for i, (p, c) in enumerate(zip(pred.tolist(), conf.tolist(), strict=True)):
-                writer.writerow([i, p if isinstance(p, int) else json.dumps(p), f"{c:.6f}" if isinstance(c, float) else c])
+                writer.writerow(
+                    [
+                        i,
+                        p if isinstance(p, int) else json.dumps(p),
+                        f"{c:.6f}" if isinstance(c, float) else c,
+                    ]
+                )
         return
     if path.suffix == ".jsonl":
         with path.open("w", encoding="utf-8") as fh:

@@ -120,7 +120,12 @@ def launch(
     notebooks and debuggers simple.
     """
     if spec.single_process:
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        for key, value in {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+        }.items():
             os.environ.setdefault(key, value)
         return {0: entrypoint(*args)}
 
@@ -129,7 +134,9 @@ def launch(
 
     _quiet_elastic_logs()
     lo, hi = spec.node_range
-    run_id = spec.run_id or uuid.uuid4().hex[:12]
+    # Every node of one job must present the same run id to the rendezvous; default to
+    # one derived from the master endpoint, which all nodes are given.
+    run_id = spec.run_id or (f"distml-{spec.master}" if spec.master else uuid.uuid4().hex[:12])
     if hi == 1:
         endpoint = f"127.0.0.1:{_free_port()}"
         backend, rdzv_configs = "static", {"rank": 0}
@@ -141,11 +148,15 @@ def launch(
         if spec.node_rank == 0:
             check_port_free(host, port)
         if not 0 <= spec.node_rank < hi:
-            raise UserError(f"--node-rank {spec.node_rank} must be in [0, {hi - 1}] for --nnodes {hi}")
+            raise UserError(
+                f"--node-rank {spec.node_rank} must be in [0, {hi - 1}] for --nnodes {hi}"
+            )
         endpoint, backend, rdzv_configs = f"{host}:{port}", "static", {"rank": spec.node_rank}
     else:
         if spec.master is None:
-            raise UserError("elastic launch (--nnodes MIN:MAX) needs --master ADDR:PORT for the rendezvous")
+            raise UserError(
+                "elastic launch (--nnodes MIN:MAX) needs --master ADDR:PORT for the rendezvous"
+            )
         host, port = parse_master(spec.master)
         endpoint, backend, rdzv_configs = f"{host}:{port}", "c10d", {}
     config = LaunchConfig(

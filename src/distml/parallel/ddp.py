@@ -10,6 +10,7 @@ launched, i.e. the wait for the network once the computation is done).
 
 import threading
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -19,37 +20,46 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distml.config import ParallelSection
+from distml.errors import ConfigError
 from distml.parallel.base import Strategy
 from distml.runtime.dist import DistContext
 
 
 class _CommTimer:
-    """State of the timing hook: last launch time and busy seconds."""
+    """State of the timing hook: the wrapped hook, last launch time and busy seconds."""
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self,
+        group: "dist.ProcessGroup | None",
+        inner_state: Any = None,
+        inner_hook: "Callable[..., torch.futures.Future[torch.Tensor]] | None" = None,
+    ) -> None:
         self.group = group
+        self.inner_state = inner_state
+        self.inner_hook = inner_hook
         self.last_launch = 0.0
         self.busy = 0.0
         self.lock = threading.Lock()
 
 
-def _timed_allreduce_hook(
-    state: _CommTimer, bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    buffer = bucket.buffer()
+def _timed_hook(state: _CommTimer, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     start = time.perf_counter()
     state.last_launch = start
-    world = dist.get_world_size(state.group)
-    buffer.div_(world)
-    work = dist.all_reduce(buffer, group=state.group, async_op=True)
-    assert work is not None
 
-    def finish(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+    def finish(fut: torch.futures.Future[Any]) -> torch.Tensor:
         with state.lock:
             state.busy += time.perf_counter() - start
-        return fut.value()[0]
+        value = fut.value()
+        return value[0] if isinstance(value, list) else value
 
-    return work.get_future().then(finish)  # type: ignore[no-any-return]
+    if state.inner_hook is not None:
+        return state.inner_hook(state.inner_state, bucket).then(finish)
+    # Same arithmetic as DDP's built-in reducer: divide by the world, then sum.
+    buffer = bucket.buffer()
+    buffer.div_(dist.get_world_size(state.group))
+    work = dist.all_reduce(buffer, group=state.group, async_op=True)
+    assert work is not None
+    return work.get_future().then(finish)
 
 
 class DDPStrategy(Strategy):
@@ -59,8 +69,11 @@ class DDPStrategy(Strategy):
 
     def __init__(self, cfg: ParallelSection) -> None:
         self.cfg = cfg
-        self._timer: "_CommTimer | None" = None
+        self._timer: _CommTimer | None = None
+        self._compression: Any = None
+        self._pending_state: dict[str, Any] = {}
         self._backward_start = 0.0
+        check_comm_settings(cfg)
 
     def setup(self, model: nn.Module, ctx: DistContext) -> nn.Module:
         if not ctx.distributed:
@@ -73,9 +86,31 @@ class DDPStrategy(Strategy):
             find_unused_parameters=self.cfg.find_unused_parameters,
             gradient_as_bucket_view=self.cfg.gradient_as_bucket_view,
         )
-        self._timer = _CommTimer(None)
-        ddp.register_comm_hook(self._timer, _timed_allreduce_hook)
+        inner_state, inner_hook = self._inner_hook()
+        self._compression = inner_state if hasattr(inner_state, "compression_ratio") else None
+        self._timer = _CommTimer(None, inner_state, inner_hook)
+        ddp.register_comm_hook(self._timer, _timed_hook)
+        if self._pending_state:
+            self.load_state_dict(self._pending_state)
         return ddp
+
+    def _inner_hook(self) -> tuple[Any, Any]:
+        """The configured compression or all-reduce-algorithm hook (None: built-in all-reduce)."""
+        cfg = self.cfg
+        if cfg.compression != "none" and cfg.allreduce_algorithm != "builtin":
+            raise ConfigError(
+                "parallel.compression and parallel.allreduce_algorithm cannot be combined; "
+                "set one of them to its default (none / builtin)"
+            )
+        if cfg.compression != "none":
+            from distml.comm.compression import make_compression_hook
+
+            return make_compression_hook(cfg.compression, None, **cfg.compression_options)
+        if cfg.allreduce_algorithm != "builtin":
+            from distml.comm.ddp_hooks import allreduce_algorithm_hook
+
+            return allreduce_algorithm_hook(cfg.allreduce_algorithm)
+        return None, None
 
     def no_sync(self, model: nn.Module) -> AbstractContextManager[Any]:
         if isinstance(model, DistributedDataParallel):
@@ -98,6 +133,46 @@ class DDPStrategy(Strategy):
         with self._timer.lock:
             busy, self._timer.busy = self._timer.busy, 0.0
         return busy
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._compression is None:
+            return {}
+        return {"compression": self._compression.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._compression is None:
+            # Resume happens before setup() builds the hook: keep it for then.
+            self._pending_state = dict(state)
+            return
+        if "compression" in state:
+            self._compression.load_state_dict(state["compression"])
+        self._pending_state = {}
+
+    def summary(self) -> dict[str, Any]:
+        if self._compression is None:
+            return {}
+        return {
+            "compression": self.cfg.compression,
+            "compression_ratio": self._compression.compression_ratio,
+        }
+
+
+def check_comm_settings(cfg: ParallelSection) -> None:
+    """Validate compression and all-reduce names early (in the launching process)."""
+    from distml.comm.compression import HOOK_NAMES, check_compression_options
+    from distml.comm.ddp_hooks import HOOK_ALGORITHMS
+
+    if cfg.compression not in HOOK_NAMES:
+        raise ConfigError(
+            f"unknown gradient compression {cfg.compression!r} (parallel.compression); "
+            f"choose one of: {', '.join(HOOK_NAMES)}"
+        )
+    check_compression_options(cfg.compression, cfg.compression_options)
+    if cfg.allreduce_algorithm not in ("builtin", *HOOK_ALGORITHMS):
+        raise ConfigError(
+            f"unknown all-reduce algorithm {cfg.allreduce_algorithm!r} "
+            f"(parallel.allreduce_algorithm); choose one of: builtin, {', '.join(HOOK_ALGORITHMS)}"
+        )
 
 
 def build_strategy(cfg: ParallelSection) -> Strategy:

@@ -18,10 +18,11 @@ def seed_everything(seed: int) -> None:
 
 def capture_rng_state() -> dict[str, Any]:
     """RNG states as tensors and plain values, loadable with ``weights_only=True``."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
+    py_state: tuple[Any, ...] = random.getstate()
     state: dict[str, Any] = {
-        "python": list(random.getstate()[1]) + [random.getstate()[0]],
-        "python_gauss": random.getstate()[2],
+        "python": [*list(py_state[1]), py_state[0]],
+        "python_gauss": py_state[2],
         "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
         "numpy_pos": int(np_state[2]),
         "numpy_gauss": [int(np_state[3]), float(np_state[4])],

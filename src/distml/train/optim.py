@@ -53,7 +53,9 @@ class LARS(torch.optim.Optimizer):
                 if group["adapt"]:
                     w_norm = torch.linalg.vector_norm(p)
                     g_norm = torch.linalg.vector_norm(grad)
-                    ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                    ratio = (
+                        group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                    )
                     # A zero weight or gradient norm means no information: fall back to 1.
                     trust = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
                 else:
@@ -83,7 +85,9 @@ class LAMB(torch.optim.Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
     ) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adapt=True))
+        super().__init__(
+            params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adapt=True)
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -121,7 +125,8 @@ class LAMB(torch.optim.Optimizer):
 
 
 def _split_1d(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    matrices, vectors = [], []
+    matrices: list[nn.Parameter] = []
+    vectors: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (vectors if param.ndim <= 1 else matrices).append(param)

@@ -85,15 +85,26 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     rows = [
         ("model / dataset", f"{summary.get('model')} / {summary.get('dataset')}"),
-        ("workers (backend, device)", f"{summary.get('world_size')} ({summary.get('backend')}, {summary.get('device')})"),
-        ("global batch (accum steps)", f"{summary.get('global_batch_size')} ({summary.get('accumulation_steps')})"),
+        (
+            "workers (backend, device)",
+            f"{summary.get('world_size')} ({summary.get('backend')}, {summary.get('device')})",
+        ),
+        (
+            "global batch (accum steps)",
+            f"{summary.get('global_batch_size')} ({summary.get('accumulation_steps')})",
+        ),
         ("steps / epochs", f"{summary.get('steps')} / {summary.get('epochs')}"),
         ("test accuracy", _fmt(summary.get("test_accuracy"))),
         ("test loss", _fmt(summary.get("test_loss"))),
         ("wall time (s)", _fmt(summary.get("wall_s"))),
         ("samples/s (median step)", _fmt(summary.get("samples_per_s"))),
-        ("step time split: data / compute / comm (ms)",
-         " / ".join(_fmt(1000 * summary.get(k, 0.0)) for k in ("median_data_s", "median_compute_s", "median_comm_s"))),
+        (
+            "step time split: data / compute / comm (ms)",
+            " / ".join(
+                _fmt(1000 * summary.get(k, 0.0))
+                for k in ("median_data_s", "median_compute_s", "median_comm_s")
+            ),
+        ),
         ("data-loading rate (samples/s)", _fmt(summary.get("data_samples_per_s"))),
         ("training rate (samples/s)", _fmt(summary.get("train_samples_per_s"))),
         ("bound by", str(summary.get("bound", "-"))),

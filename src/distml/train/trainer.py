@@ -78,7 +78,9 @@ def tokenizer_state(bundle: DataBundle) -> dict[str, Any]:
 class Trainer:
     """Train ``cfg`` on this process's share of the job described by ``ctx``."""
 
-    def __init__(self, cfg: Config, ctx: DistContext | None = None, strategy: Strategy | None = None) -> None:
+    def __init__(
+        self, cfg: Config, ctx: DistContext | None = None, strategy: Strategy | None = None
+    ) -> None:
         self.cfg = cfg
         self.ctx = ctx or init_distributed(cfg.parallel.backend, cfg.parallel.device)
         threads = cfg.parallel.threads_per_worker or max(
@@ -115,7 +117,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.raw_model, cfg.optimizer, self.peak_lr)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
         self.strategy = strategy or build_strategy(cfg.parallel)
-        self.checkpoints = CheckpointManager(cfg.checkpoint.dir or "checkpoints", cfg.checkpoint.keep_last)
+        self.checkpoints = CheckpointManager(
+            cfg.checkpoint.dir or "checkpoints", cfg.checkpoint.keep_last
+        )
         self.run_dir = Path(cfg.logging.run_dir)
         self.step = 0
         self.epoch = 0
@@ -262,7 +266,12 @@ class Trainer:
         """Loss and accuracy on a split, sharded across ranks and reduced exactly."""
         dataset = self.bundle.test if split == "test" else self.bundle.train
         return evaluate_model(
-            self.raw_model, dataset, self.task, self.ctx, self.cfg.data.eval_batch_size, self._autocast
+            self.raw_model,
+            dataset,
+            self.task,
+            self.ctx,
+            self.cfg.data.eval_batch_size,
+            self._autocast,
         )
 
     def fit(self, until_step: int | None = None) -> dict[str, Any]:
@@ -293,7 +302,9 @@ class Trainer:
         last_eval: dict[str, float] = {}
         timer = PhaseTimer(self.ctx.device)
         if main and self.resumed_from is not None:
-            reporter.log(f"resumed from {self.resumed_from} at step {self.step} (epoch {self.epoch})")
+            reporter.log(
+                f"resumed from {self.resumed_from} at step {self.step} (epoch {self.epoch})"
+            )
         try:
             while self.step < self.total_steps and self.epoch < cfg.schedule.epochs:
                 if self.batch_in_epoch >= self.steps_per_epoch:

@@ -54,6 +54,14 @@ class _Round:
         self.busy: set[int] = set()  # jobs already decided on this round
         self.slots: set[Slot] = set()  # shared slots already changed this round
         self.launched = 0
+        # Jobs started or resumed this round: id -> (index of the decision, placement).
+        self.fresh: dict[int, tuple[int, Placement]] = {}
+        self.dropped: set[int] = set()  # indices of decisions superseded later in the round
+
+    def result(self) -> list[Decision]:
+        if not self.dropped:
+            return self.decisions
+        return [d for i, d in enumerate(self.decisions) if i not in self.dropped]
 
     def add(self, decision: Decision, *jobs: int) -> None:
         self.decisions.append(decision)
@@ -119,9 +127,9 @@ class GandivaPolicy(Policy):
             self._unpack_to_free(plan)
         if self.migration:
             self._consolidate(plan)
-        if self.elastic and self._elastic:
+        if self.elastic and (self._elastic or plan.fresh):
             self._grow(plan)
-        return plan.decisions
+        return plan.result()
 
     def next_wakeup(self, state: ClusterState, now: float) -> float | None:
         self._sync(state)
@@ -195,6 +203,7 @@ class GandivaPolicy(Policy):
 
     def _launch(self, plan: _Round, job: Job, placement: Placement, reason: str) -> None:
         plan.planner.take(placement)
+        plan.fresh[job.job_id] = (len(plan.decisions), placement)
         plan.add(launch(job, placement, reason))
         plan.launched += 1
 
@@ -299,30 +308,40 @@ class GandivaPolicy(Policy):
         planner, state = plan.planner, plan.state
         if planner.free_gpus == 0 or state.num_waiting > plan.launched:
             return
+        candidates: list[tuple[Job, Placement]] = []
+        for job_id, (_, placement) in plan.fresh.items():
+            if state.jobs[job_id].elastic:
+                candidates.append((state.jobs[job_id], placement))
         for job_id in list(self._elastic):
-            if planner.free_gpus == 0:
-                return
             job = state.jobs.get(job_id)
             if job is None or job.status is not JobStatus.RUNNING:
                 self._elastic.pop(job_id, None)
+            elif job_id not in plan.busy:
+                candidates.append((job, job.placement))
+        for job, placement in candidates:
+            if planner.free_gpus == 0:
+                return
+            extra = min(job.max_gpus - len(placement), planner.free_gpus)
+            if extra <= 0:
                 continue
-            if job_id in plan.busy or job.size >= job.max_gpus:
-                continue
-            extra = min(job.max_gpus - job.size, planner.free_gpus)
-            added = planner.place_on(sorted(job.nodes()), extra)
+            added = planner.place_on(sorted({n for n, _ in placement}), extra)
             planner.take(added)
             if len(added) < extra:
                 more = planner.place(extra - len(added))
                 if more is not None:
                     planner.take(more)
                     added.extend(more)
-            plan.add(
-                Grow(
-                    job=job_id,
-                    placement=job.placement + tuple(added),
-                    reason=f"{len(added)} idle GPU(s) and nothing waiting",
-                )
-            )
+            grown = placement + tuple(added)
+            reason = f"{len(added)} idle GPU(s) and nothing waiting"
+            if job.job_id in plan.fresh:
+                # Started this round: start it at the larger size instead of resizing at
+                # once, and start it last, since the added slots may be freed by decisions
+                # planned after the original start.
+                plan.dropped.add(plan.fresh[job.job_id][0])
+                plan.fresh[job.job_id] = (len(plan.decisions), grown)
+                plan.add(launch(job, grown, f"elastic start: {reason}"))
+            else:
+                plan.add(Grow(job=job.job_id, placement=grown, reason=reason))
 
     # ----------------------------------------------------------- time-slicing
     def _time_slice(self, plan: _Round) -> None:
@@ -386,7 +405,7 @@ class GandivaPolicy(Policy):
     # ---------------------------------------------------------------- packing
     def _pack(self, plan: _Round) -> None:
         state = plan.state
-        if state.num_waiting <= plan.launched or not self._hosts:
+        if state.num_waiting <= plan.launched or not (self._hosts or plan.fresh):
             return
         for job in self._waiting(plan, self.lookahead):
             if job.max_gpus != 1:
@@ -394,17 +413,29 @@ class GandivaPolicy(Policy):
             found = self._find_host(plan, job)
             if found is None:
                 continue
-            host, reason = found
-            slot = host.placement[0]
+            host, slot, reason = found
             plan.slots.add(slot)
             plan.add(Pack(job=job.job_id, host=host.job_id, slot=slot, reason=reason), host.job_id)
             plan.launched += 1
 
-    def _find_host(self, plan: _Round, job: Job) -> tuple[Job, str] | None:
+    def _find_host(self, plan: _Round, job: Job) -> tuple[Job, Slot, str] | None:
         state = plan.state
         stale: list[int] = []
         tried = 0
-        found: tuple[Job, str] | None = None
+        found: tuple[Job, Slot, str] | None = None
+        # Jobs started on a free GPU this round can host too, then the running ones.
+        fresh = [
+            (host_id, placement[0])
+            for host_id, (_, placement) in plan.fresh.items()
+            if len(placement) == 1 and state.jobs[host_id].max_gpus == 1
+        ]
+        for host_id, slot in fresh:
+            if slot in plan.slots or tried == self.pack_candidates:
+                continue
+            tried += 1
+            reason = self._pack_reason(state, state.jobs[host_id], job)
+            if reason is not None:
+                return state.jobs[host_id], slot, reason
         for host_id in self._hosts:
             host = state.jobs.get(host_id)
             if (
@@ -420,22 +451,23 @@ class GandivaPolicy(Policy):
             if tried == self.pack_candidates:
                 break
             tried += 1
-            estimate = state.estimate_packed(host, job)
-            if estimate is None:
-                if self.trial_packing:
-                    found = (host, "trial packing: pair throughput not measured yet")
-                    break
-                continue
-            total = estimate[0] + estimate[1]
-            if total > 1.0:
-                found = (
-                    host,
-                    f"packed throughput {estimate[0]:.2f} + {estimate[1]:.2f} = {total:.2f} > 1",
-                )
+            reason = self._pack_reason(state, host, job)
+            if reason is not None:
+                found = (host, host.placement[0], reason)
                 break
         for host_id in stale:
             del self._hosts[host_id]
         return found
+
+    def _pack_reason(self, state: ClusterState, host: Job, job: Job) -> str | None:
+        """Why ``job`` may join ``host``, or None if the pair should not be packed."""
+        estimate = state.estimate_packed(host, job)
+        if estimate is None:
+            return "trial packing: pair throughput not measured yet" if self.trial_packing else None
+        total = estimate[0] + estimate[1]
+        if total <= 1.0:
+            return None
+        return f"packed throughput {estimate[0]:.2f} + {estimate[1]:.2f} = {total:.2f} > 1"
 
     def _unpack_losers(self, plan: _Round) -> None:
         state = plan.state

@@ -30,7 +30,7 @@ def krum_scores(vectors: torch.Tensor, num_byzantine: int) -> torch.Tensor:
     """Krum score of each row of ``vectors`` (n, d); lower is more central."""
     n = vectors.shape[0]
     neighbours = n - num_byzantine - 2
-    if neighbours < 1:
+    if n < 2 * num_byzantine + 3:
         raise ConfigError(
             f"krum with num_byzantine={num_byzantine} needs at least "
             f"{2 * num_byzantine + 3} clients per round, got {n}; sample more clients"
