@@ -131,7 +131,7 @@ class Settings:
 
     workloads: dict[str, dict[str, Any]]
     steps: int = 20
-    repeats: int = 5
+    repeats: int = 10
     warmup: int = 5
     run_root: str = "."
     keep_params: bool = False
@@ -142,6 +142,8 @@ class SideRecord:
     """One side's measurements on one rank."""
 
     block_medians: list[float] = field(default_factory=list)
+    #: Median process CPU seconds per step (all threads) per block: blind to descheduling.
+    block_cpu_medians: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     splits: list[tuple[float, float, float, float]] = field(default_factory=list)
 
@@ -216,15 +218,18 @@ class DistmlSide:
         return loss
 
 
-def _run_block(step: Callable[[], float], n: int) -> tuple[list[float], list[float]]:
+def _run_block(step: Callable[[], float], n: int) -> tuple[list[float], list[float], list[float]]:
+    """Wall seconds, process CPU seconds and loss of each of ``n`` steps."""
     dist.barrier()  # both ranks start the block together; not timed
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for _ in range(n):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         losses.append(loss)
-    return times, losses
+    return times, cpu, losses
 
 
 def _clone(module: nn.Module) -> StateDict:
@@ -250,10 +255,11 @@ def _bench_workload(name: str, cfg_dict: dict[str, Any], s: Settings) -> dict[st
 
     def block(side: str, n: int, timed: bool) -> None:
         gc.collect()  # a collection inside a timed block would land on one side only
-        times, losses = _run_block(steps[side], n)
+        times, cpu, losses = _run_block(steps[side], n)
         records[side].losses.extend(losses)
         if timed:
             records[side].block_medians.append(median(times))
+            records[side].block_cpu_medians.append(median(cpu))
 
     for side in SIDES:
         block(side, s.warmup, timed=False)
@@ -284,15 +290,17 @@ def _bench_rank(rank: int, world_size: int, s: Settings) -> dict[str, Any]:
     return {name: _bench_workload(name, cfg, s) for name, cfg in s.workloads.items()}
 
 
+def _paired(rec: dict[str, Any], key: str) -> float:
+    """Median over repeats of distml's block / the adjacent torch block (same repeat)."""
+    return median([d / t for d, t in zip(rec["distml"][key], rec["torch"][key], strict=True)])
+
+
 def _summarize(name: str, cfg: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """Fold both ranks' records for one workload into the report entry (timings from rank 0)."""
     r0 = ranks[0]
     rec = r0["records"]
     med = {side: median(rec[side]["block_medians"]) for side in SIDES}
-    pairs = [
-        d / t
-        for d, t in zip(rec["distml"]["block_medians"], rec["torch"]["block_medians"], strict=True)
-    ]
+    cpu = {side: median(rec[side]["block_cpu_medians"]) for side in SIDES}
     splits = rec["distml"]["splits"]
     split = {
         key: median([row[i] for row in splits])
@@ -300,7 +308,7 @@ def _summarize(name: str, cfg: dict[str, Any], ranks: list[dict[str, Any]]) -> d
     }
     batch = r0["global_batch"]
     losses = {side: rec[side]["losses"] for side in SIDES}
-    ratio = median(pairs)
+    ratio = _paired(rec, "block_medians")
     return {
         "config": cfg,
         "global_batch": batch,
@@ -309,8 +317,12 @@ def _summarize(name: str, cfg: dict[str, Any], ranks: list[dict[str, Any]]) -> d
         "threads_per_rank": r0["threads"],
         "bucket_cap_mb": r0["bucket_cap_mb"],
         "gradient_as_bucket_view": r0["gradient_as_bucket_view"],
+        # Raw data: per side, per rank, one median per timed block (in run order).
         "block_medians_s": {
             side: [r["records"][side]["block_medians"] for r in ranks] for side in SIDES
+        },
+        "block_cpu_medians_s": {
+            side: [r["records"][side]["block_cpu_medians"] for r in ranks] for side in SIDES
         },
         "median_step_s": med,
         "samples_per_s": {side: batch / med[side] for side in SIDES},
@@ -318,10 +330,15 @@ def _summarize(name: str, cfg: dict[str, Any], ranks: list[dict[str, Any]]) -> d
         "ratio_of_medians": med["distml"] / med["torch"],
         "target_ratio": TARGET_RATIO,
         "meets_target": ratio <= TARGET_RATIO,
+        "median_cpu_step_s": cpu,
+        "cpu_ratio_paired_median": _paired(rec, "block_cpu_medians"),
+        # fit()'s own timers: t_step = t_data + t_compute + t_comm (medians taken separately).
         "distml_split": {
             **split,
-            # The part of the external step time the fit()-style timers do not see.
-            "untimed_s": max(0.0, med["distml"] - split["t_step_s"]),
+            **{
+                f"{key[2:-2]}_share": split[key] / split["t_step_s"]
+                for key in ("t_data_s", "t_compute_s", "t_comm_s")
+            },
         },
         "training": {
             side: {
@@ -350,7 +367,7 @@ class BenchResult:
 def run_benchmark(
     workloads: dict[str, dict[str, Any]],
     steps: int = 20,
-    repeats: int = 5,
+    repeats: int = 10,
     warmup: int = 5,
     keep_params: bool = False,
     timeout: float = 1800.0,
@@ -390,37 +407,36 @@ def print_report(report: dict[str, Any]) -> None:
     for name, w in report["workloads"].items():
         split = w["distml_split"]
         for side in SIDES:
-            is_distml = side == "distml"
+            first = side == "distml"
             rows.append(
                 [
-                    f"{name} (G={w['global_batch']})" if is_distml else "",
+                    f"{name} (G={w['global_batch']})" if first else "",
                     side,
                     f"{w['median_step_s'][side] * 1e3:.2f}",
                     f"{w['samples_per_s'][side]:.0f}",
-                    f"{w['ratio_paired_median']:.3f}" if is_distml else "",
-                    f"{split['t_data_s'] * 1e3:.2f}" if is_distml else "",
-                    f"{split['t_compute_s'] * 1e3:.2f}" if is_distml else "",
-                    f"{split['t_comm_s'] * 1e3:.2f}" if is_distml else "",
+                    f"{w['ratio_paired_median']:.3f}" if first else "",
+                    f"{w['median_cpu_step_s'][side] * 1e3:.2f}",
+                    f"{w['cpu_ratio_paired_median']:.3f}" if first else "",
+                    "/".join(
+                        f"{split[k] * 1e3:.2f}" for k in ("t_data_s", "t_compute_s", "t_comm_s")
+                    )
+                    if first
+                    else "",
                 ]
             )
-    cols = [
-        "workload",
-        "side",
-        "step ms",
-        "samples/s",
-        "distml/torch",
-        "data ms",
-        "compute ms",
-        "comm ms",
-    ]
+    cols = ["workload", "side", "step ms", "samples/s", "ratio", "cpu ms", "cpu ratio"]
+    cols.append("data/compute/comm ms")
     load = report["machine"]["load_average"]
-    print_table(f"DDP overhead, world 2 gloo, target <= {TARGET_RATIO}x (load {load})", cols, rows)
+    title = (
+        f"DDP overhead: distml vs hand-written torch, 2 gloo ranks, target ratio <= {TARGET_RATIO}"
+    )
+    print_table(f"{title}\n(medians; load average {load})", cols, rows)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--steps", type=int, default=20, help="timed steps per block (default 20)")
-    p.add_argument("--repeats", type=int, default=5, help="A/B block pairs per side (default 5)")
+    p.add_argument("--repeats", type=int, default=10, help="timed blocks per side (default 10)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per side first (default 5)")
     p.add_argument("--workloads", default="cnn,gpt", help="comma-separated: cnn, gpt")
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="text corpus of the gpt workload")

@@ -290,3 +290,34 @@ def test_two_nodes_form_one_job(tmp_path) -> None:
     summary = json.loads((tmp_path / "s0.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2 * (1438 // 128)
     assert summary["test_accuracy"] > 0.5
+
+
+def test_ctrl_c_stops_all_workers_and_keeps_the_last_checkpoint(tmp_path) -> None:
+    from distml.train.checkpoint import CheckpointManager, load_checkpoint
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distml", "train", "--no-progress", "schedule.epochs=500",
+         "checkpoint.every_steps=10", f"logging.run_dir={tmp_path}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        manager = CheckpointManager(tmp_path / "checkpoints")
+        deadline = time.monotonic() + 120
+        while manager.latest() is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.2)
+        workers = _worker_pids(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130
+        assert err.strip().splitlines()[-1] == "distml: interrupted; checkpoints already written are intact"
+        time.sleep(0.5)
+        assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+        state = load_checkpoint(manager.latest())
+        assert state["step"] % 10 == 0 or state["batch_in_epoch"] == 0
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)

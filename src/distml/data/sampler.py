@@ -76,7 +76,7 @@ class GlobalBatchSampler:
         return perm[step * self.global_batch : (step + 1) * self.global_batch]
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[list[torch.Tensor]]:
-        """For each remaining step of ``epoch``: this rank's ``accumulation_steps`` micro-batches."""
+        """Per remaining step of ``epoch``: this rank's ``accumulation_steps`` micro-batches."""
         perm = self.permutation(epoch)
         per_rank = self.global_batch // self.world_size
         for step in range(start_step, self.steps_per_epoch):

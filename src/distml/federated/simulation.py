@@ -273,9 +273,10 @@ def evaluate(
     x: torch.Tensor,
     y: torch.Tensor,
     batch_size: int = 4096,
+    names: Sequence[str] | None = None,
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` with ``params`` on ``(x, y)``, in eval mode."""
-    state = dict(zip(parameter_names(model), params, strict=True))
+    state = dict(zip(names or parameter_names(model), params, strict=True))
     if model.training:
         model.eval()
     loss, correct = 0.0, 0
@@ -329,6 +330,7 @@ def simulate(
     rng = np.random.default_rng(seed)
     trainer = _Trainer(model, strategy, x, y, lr or 0.0)
     history: list[RoundRecord] = []
+    transforms_updates = type(strategy).client_update is not Strategy.client_update
     for server_round in range(1, rounds + 1):
         start = time.perf_counter()
         if clients_per_round is None:
@@ -349,8 +351,10 @@ def simulate(
         trained = (trainer.vmapped if mode == "vmap" else trainer.sequential)(plans, global_params)
         results = []
         for plan, (update, loss) in zip(plans, trained, strict=True):
-            gen = torch.Generator().manual_seed(plan.noise_seed)
-            update = strategy.client_update(update, gen)
+            if transforms_updates:
+                update = strategy.client_update(
+                    update, torch.Generator().manual_seed(plan.noise_seed)
+                )
             result = FitResult(
                 plan.client_id, update, plan.num_examples, {"train_loss": loss}, is_update=True
             )
@@ -361,7 +365,7 @@ def simulate(
         ).get("train_loss", float("nan"))
         test_loss = test_acc = None
         if test is not None:
-            test_loss, test_acc = evaluate(eval_model, global_params, *test)
+            test_loss, test_acc = evaluate(eval_model, global_params, *test, names=trainer.names)
         record = RoundRecord(
             round=server_round,
             clients=selected,

@@ -82,8 +82,12 @@ def _quiet_elastic_logs() -> None:
     # The agent logs every worker failure with a full traceback; distml reports the
     # failing rank and its error in one line instead (tracebacks with --debug).
     level = logging.DEBUG if os.environ.get("DISTML_DEBUG") == "1" else logging.CRITICAL
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(level)
+    # torch gives each elastic module its own logger with an explicit level, so the
+    # parents' level is not inherited: set every one that exists (all are imported by now).
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.")]
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher", *names):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(level)
 
 
 def _failure_to_error(exc: Exception) -> Exception:
@@ -129,10 +133,10 @@ def launch(
             os.environ.setdefault(key, value)
         return {0: entrypoint(*args)}
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    _quiet_elastic_logs()
     lo, hi = spec.node_range
     # Every node of one job must present the same run id to the rendezvous; default to
     # one derived from the master endpoint, which all nodes are given.
@@ -171,8 +175,12 @@ def launch(
         monitor_interval=spec.monitor_interval,
         start_method="spawn",
     )
+    _quiet_elastic_logs()
     try:
         results = elastic_launch(config, entrypoint)(*args)
     except ChildFailedError as exc:
         raise _failure_to_error(exc) from None
+    except SignalException as exc:
+        # The agent has already stopped the workers; report it as an interrupt.
+        raise KeyboardInterrupt(str(exc)) from None
     return dict(results or {})

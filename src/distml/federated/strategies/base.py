@@ -75,15 +75,15 @@ def weighted_mean(
     """Tensor-wise ``sum_k w_k x_k / sum_k w_k``."""
     if not tensor_lists:
         raise ValueError("weighted_mean of no tensors")
-    w = torch.as_tensor(weights, dtype=torch.float64)
-    if bool((w < 0).any()) or float(w.sum()) <= 0:
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
-    w = w / w.sum()
+    total = float(sum(weights))
     out: Parameters = []
     for i in range(len(tensor_lists[0])):
         stacked = torch.stack([lst[i] for lst in tensor_lists])
-        coeff = w.to(stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
-        out.append((coeff * stacked).sum(dim=0))
+        coeff = torch.tensor([w / total for w in weights], dtype=stacked.dtype)
+        # tensordot contracts the client dimension in one kernel.
+        out.append(torch.tensordot(coeff, stacked, dims=1))
     return out
 
 
