@@ -100,10 +100,9 @@ def predict(
 ) -> Path:
     """Data-parallel inference of ``input_spec`` with the model in ``checkpoint``."""
     from distml.inference.predict import check_output_path
-    from distml.train.checkpoint import load_checkpoint
 
     check_output_path(output)
-    load_checkpoint(checkpoint)  # fail fast, in this process, on a bad checkpoint
+    check_model_file(checkpoint)  # fail fast, in this process, on a bad checkpoint
     if not input_spec.startswith("split:") and not Path(input_spec).is_file():
         raise UserError(
             f"input file not found: {input_spec}; pass a .npy or .csv file or split:test"
@@ -135,13 +134,31 @@ def evaluate(
     cfg: Config, checkpoint: str, split: str = "test", spec: LaunchSpec | None = None
 ) -> dict[str, float]:
     """Loss and accuracy of ``checkpoint`` on a split of the config's dataset."""
-    from distml.train.checkpoint import load_checkpoint
-
     if split not in ("train", "test"):
         raise UserError(f"--split {split!r} must be train or test")
-    load_checkpoint(checkpoint)
+    check_model_file(checkpoint)
     results = launch(_eval_worker, (cfg.to_dict(), checkpoint, split), spec or LaunchSpec(nproc=1))
     return results[min(results)]
+
+
+def check_model_file(path: str) -> None:
+    """Open a training checkpoint or a quantized model once, to fail before launching."""
+    from distml.inference.quantize import is_quantized_file, load_quantized_for_inference
+    from distml.train.checkpoint import load_checkpoint
+
+    if is_quantized_file(path):
+        load_quantized_for_inference(path)
+    else:
+        load_checkpoint(path)
+
+
+def quantize(
+    checkpoint: str, bits: int, out: str, group_size: int = 128, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Quantize a checkpoint's weights to int8 or int4 into a safetensors file."""
+    from distml.inference.quantize import quantize_checkpoint
+
+    return quantize_checkpoint(checkpoint, bits, out, group_size, skip)
 
 
 def info() -> dict[str, Any]:

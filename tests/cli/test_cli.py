@@ -321,3 +321,21 @@ def test_ctrl_c_stops_all_workers_and_keeps_the_last_checkpoint(tmp_path) -> Non
         except ProcessLookupError:
             pass
         proc.wait(timeout=10)
+
+
+def test_quantize_then_predict_and_eval_the_quantized_model(trained, tmp_path) -> None:
+    ckpt = trained["summary"]["checkpoint"]
+    out = tmp_path / "cnn-int8.safetensors"
+    result = run_cli(["quantize", ckpt, "--bits", "8", "--out", str(out)], timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and out.stat().st_size * 3 < Path(ckpt).stat().st_size
+    metrics = run_cli(["eval", "--checkpoint", str(out), "--json"], timeout=90)
+    assert metrics.returncode == 0, metrics.stderr
+    accuracy = json.loads(metrics.stdout.strip().splitlines()[-1])["accuracy"]
+    assert accuracy >= trained["summary"]["test_accuracy"] - 0.01  # within 1 point of fp32
+    pred = run_cli(["predict", "--checkpoint", str(out), "--input", "split:test",
+                    "--output", str(tmp_path / "q.npy"), "--nproc", "2"], timeout=120)
+    assert pred.returncode == 0, pred.stderr
+    assert np.load(tmp_path / "q.npy").shape == (359, 10)
+    bad = run_cli(["quantize", ckpt, "--bits", "8", "--out", str(tmp_path / "x.pt")], timeout=60)
+    _one_line_error(bad, f"--out '{tmp_path / 'x.pt'}' must end in .safetensors")

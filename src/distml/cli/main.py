@@ -104,6 +104,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from distml import api
+
+    result = api.quantize(args.checkpoint, args.bits, args.out, args.group_size, tuple(args.skip))
+    ratio = result["checkpoint_bytes"] / max(1, result["bytes"])
+    print(
+        f"wrote {result['out']}: int{result['bits']} weights, {result['bytes']:,} bytes "
+        f"({ratio:.1f}x smaller than the checkpoint, which also holds optimizer state)"
+    )
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from distml import api
 
@@ -188,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         "outputs in input order into one file.",
     )
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
-    p.add_argument("--checkpoint", required=True, help="a step_*.pt checkpoint")
+    p.add_argument(
+        "--checkpoint", required=True, help="a step_*.pt checkpoint or a quantized .safetensors"
+    )
     p.add_argument(
         "--input", required=True, help=".npy or .csv of inputs, or split:test / split:train"
     )
@@ -201,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="metrics of a checkpoint on a dataset split")
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
-    p.add_argument("--checkpoint", required=True, help="a step_*.pt checkpoint")
+    p.add_argument(
+        "--checkpoint", required=True, help="a step_*.pt checkpoint or a quantized .safetensors"
+    )
     p.add_argument("--split", default="test", help="train or test (default test)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     _add_launch_args(p, "workers (default 1)")
@@ -209,6 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "quantize",
+        help="int8/int4 weight quantization of a checkpoint",
+        description="Post-training weight quantization of linear and embedding layers: int8 "
+        "per-channel symmetric or int4 group-wise. `distml predict` and `distml eval` "
+        "load the output directly.",
+    )
+    p.add_argument("checkpoint", help="a step_*.pt training checkpoint")
+    p.add_argument("--bits", type=int, required=True, choices=(8, 4), help="8 or 4")
+    p.add_argument("--out", required=True, help="output file (.safetensors)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--skip", action="append", default=[], help="module name/glob to keep float")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("info", help="torch version, backends, devices, cores")
     p.add_argument("--json", action="store_true", help="print as JSON")

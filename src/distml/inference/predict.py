@@ -154,6 +154,12 @@ def check_output_path(path: str) -> None:
 
 
 def load_for_inference(checkpoint: str, device: torch.device) -> tuple[dict[str, Any], nn.Module]:
+    """A training checkpoint (.pt) or a ``distml quantize`` file (.safetensors), ready to run."""
+    from distml.inference.quantize import is_quantized_file, load_quantized_for_inference
+
+    if is_quantized_file(checkpoint):
+        meta, quantized = load_quantized_for_inference(checkpoint)
+        return meta, quantized.to(device)
     state = load_checkpoint(checkpoint, map_location="cpu")
     model = model_from_checkpoint(state).to(device)
     return state, model
