@@ -209,3 +209,56 @@ def test_simulate_rejects_bad_arguments(
         simulate(bn_model, train, parts, FedAvg(), rounds=1)
     with pytest.raises(ConfigError, match="sampled no clients from 5"):
         simulate(mlp_fn, train, parts, FedAvg(min_fit_clients=6), rounds=1)
+
+
+def test_secure_aggregation_gives_the_same_model_as_plain_fedavg(
+    digits: tuple[Split, Split], mlp_fn: Callable[[], nn.Module]
+) -> None:
+    train, _ = digits
+    parts = dirichlet_partition(train[1].numpy(), 12, alpha=1.0, seed=0)
+    runs = [
+        simulate(
+            mlp_fn,
+            train,
+            parts,
+            build_strategy("fedavgm"),
+            rounds=2,
+            clients_per_round=6,
+            batch_size=32,
+            lr=0.1,
+            seed=2,
+            secure_aggregation=threshold,
+        )
+        for threshold in (None, 4)
+    ]
+    for p, q in zip(runs[0].parameters, runs[1].parameters, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+    dim = sum(p.numel() for p in runs[0].parameters)
+    assert runs[1].rounds[0].bytes_up == 6 * 8 * (dim + 1)
+    with pytest.raises(ConfigError, match="strategy 'krum' needs individual client updates"):
+        simulate(mlp_fn, train, parts, Krum(), rounds=1, secure_aggregation=4)
+
+
+def test_local_dp_and_dropout_models_run_in_vmap_mode(digits: tuple[Split, Split]) -> None:
+    train, test = digits
+
+    def dropout_mlp() -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10))
+
+    parts = iid_partition(len(train[0]), 10, seed=0)
+    strategy = DifferentialPrivacy(FedAvg(), clip_norm=5.0, noise_multiplier=0.01, mode="local")
+    history = simulate(
+        dropout_mlp,
+        train,
+        parts,
+        strategy,
+        rounds=5,
+        clients_per_round=5,
+        local_epochs=2,
+        batch_size=16,
+        lr=0.2,
+        seed=0,
+        test=test,
+    )
+    assert history.final_accuracy is not None and history.final_accuracy > 0.5
+    assert history.rounds[-1].metrics["epsilon"] > history.rounds[0].metrics["epsilon"]

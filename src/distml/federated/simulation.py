@@ -39,7 +39,9 @@ from distml.federated.parameters import (
     parameter_names,
     set_parameters,
     subtract,
+    unflatten,
 )
+from distml.federated.secagg import secure_sum, weighted_input, weighted_mean_from_sum
 from distml.federated.strategies.base import FitResult, Strategy, sample_clients, weighted_metrics
 
 MODES = ("vmap", "sequential")
@@ -236,18 +238,13 @@ class _Trainer:
         steps = active.sum(dim=0).clamp_min(1.0).double()
         mean_loss = (torch.stack(step_losses).double().sum(dim=0) / steps).tolist()
         with torch.no_grad():
-            deltas = {n: stacked[n] - by_name[n] for n in trainable}
+            per_client = {n: torch.unbind(stacked[n] - by_name[n]) for n in trainable}
         zeros = {n: torch.zeros_like(t, dtype=_float(t)) for n, t in frozen.items()}
-        return [
-            (
-                [
-                    deltas[self.alias.get(n, n)][k] if n not in zeros else zeros[n]
-                    for n in self.names
-                ],
-                mean_loss[k],
-            )
-            for k in range(m)
+        columns = [
+            per_client[self.alias.get(n, n)] if n not in zeros else (zeros[n],) * m
+            for n in self.names
         ]
+        return [([col[k] for col in columns], mean_loss[k]) for k in range(m)]
 
 
 def _float(t: torch.Tensor) -> torch.dtype:
@@ -304,6 +301,7 @@ def simulate(
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     transform_results: Callable[[FitResult], FitResult] | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    secure_aggregation: int | None = None,
 ) -> History:
     """Federated training of ``model_fn()`` over ``partitions`` of ``train``; returns the history.
 
@@ -311,8 +309,18 @@ def simulate(
     ``lr`` defaults to the strategy's ``fit_config()["lr"]`` (FedOpt's ``eta_l``)
     or 0.05. ``transform_results`` sees every client result before aggregation
     (to model attackers or lossy uplinks); ``on_round`` is called after each round.
+    ``secure_aggregation=t`` sums the round's example-weighted updates with the
+    secure aggregation protocol (threshold ``t``) so the strategy only sees their
+    mean; it needs a strategy that aggregates by the weighted mean (FedAvg family),
+    and ``bytes_up`` then counts the masked uint64 vectors.
     """
     _check_args(partitions, rounds, clients_per_round, local_epochs, batch_size, mode)
+    if secure_aggregation is not None and not strategy.linear_aggregation:
+        raise ConfigError(
+            f"strategy {strategy.name!r} needs individual client updates, which secure "
+            "aggregation hides; use a FedAvg-family strategy (fedavg, fedprox, fedavgm, fedadam, "
+            "fedyogi, fedadagrad) or turn secure aggregation off"
+        )
     x, y = train
     torch.manual_seed(seed)
     model = model_fn()
@@ -359,10 +367,14 @@ def simulate(
                 plan.client_id, update, plan.num_examples, {"train_loss": loss}, is_update=True
             )
             results.append(transform_results(result) if transform_results else result)
-        global_params = strategy.aggregate_fit(server_round, results, global_params)
         train_loss = weighted_metrics(
             [r.metrics for r in results], [r.num_examples for r in results]
         ).get("train_loss", float("nan"))
+        bytes_up = sum(num_bytes(r.parameters) for r in results)
+        if secure_aggregation is not None:
+            results = [_secure_mean(results, secure_aggregation, global_params)]
+            bytes_up = 8 * (_dim(global_params) + 1) * len(selected)
+        global_params = strategy.aggregate_fit(server_round, results, global_params)
         test_loss = test_acc = None
         if test is not None:
             test_loss, test_acc = evaluate(eval_model, global_params, *test, names=trainer.names)
@@ -373,7 +385,7 @@ def simulate(
             test_loss=test_loss,
             test_accuracy=test_acc,
             bytes_down=num_bytes(global_params) * len(selected),
-            bytes_up=sum(num_bytes(r.parameters) for r in results),
+            bytes_up=bytes_up,
             seconds=time.perf_counter() - start,
             metrics=strategy.round_metrics(),
         )
@@ -381,6 +393,18 @@ def simulate(
         if on_round is not None:
             on_round(record)
     return History(history, global_params)
+
+
+def _dim(params: Parameters) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _secure_mean(results: Sequence[FitResult], threshold: int, current: Parameters) -> FitResult:
+    """The example-weighted mean update of ``results``, computed through secure aggregation."""
+    inputs = {r.client_id: weighted_input(r.update(current), r.num_examples) for r in results}
+    total, _ = secure_sum(inputs, threshold)
+    mean, count = weighted_mean_from_sum(total)
+    return FitResult(-1, unflatten(mean, current), round(count), is_update=True)
 
 
 def _check_args(

@@ -10,17 +10,42 @@ how gradients travel.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from distml.runtime.dist import DistContext
+
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
 
 
 class Strategy:
     """Base class; the single-process strategy is this class itself (no communication)."""
 
     name = "single"
+
+    # ---- roles and data partition (parameter servers split the world into roles)
+    def is_server(self, ctx: DistContext) -> bool:
+        """True on ranks that serve parameters instead of running the training loop."""
+        return False
+
+    def serve(self, trainer: Any) -> dict[str, Any]:
+        """The loop of a server rank; returns its summary when training ends."""
+        raise NotImplementedError(f"strategy {self.name!r} has no server role")
+
+    def data_partition(self, ctx: DistContext) -> tuple[int, int]:
+        """(rank, count) of this process among the ranks that consume training data."""
+        return ctx.rank, ctx.world_size
+
+    def data_group(self) -> dist.ProcessGroup | None:
+        """Process group of the data-consuming ranks (None: the default group)."""
+        return None
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply the update after the gradients are ready (PS: push and pull instead)."""
+        optimizer.step()
 
     def setup(self, model: nn.Module, ctx: DistContext) -> nn.Module:
         return model

@@ -90,11 +90,13 @@ class Trainer:
         spec = get_model_spec(cfg.model.name)
         self.task = spec.task
         self.bundle = build_datasets(cfg.data, cfg.seed, spec.task)
+        self.strategy = strategy or build_strategy(cfg.parallel)
+        self.data_rank, self.data_world = self.strategy.data_partition(self.ctx)
         self.sampler = GlobalBatchSampler(
             len(self.bundle.train),
             cfg.data.global_batch_size,
-            rank=self.ctx.rank,
-            world_size=self.ctx.world_size,
+            rank=self.data_rank,
+            world_size=self.data_world,
             accumulation_steps=cfg.schedule.accumulation_steps,
             seed=cfg.seed,
             shuffle=cfg.data.shuffle,
@@ -116,7 +118,6 @@ class Trainer:
         )
         self.optimizer = build_optimizer(self.raw_model, cfg.optimizer, self.peak_lr)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
-        self.strategy = strategy or build_strategy(cfg.parallel)
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.dir or "checkpoints", cfg.checkpoint.keep_last
         )
@@ -140,7 +141,7 @@ class Trainer:
             "strategy": self.strategy.state_dict(),
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "world_size": self.ctx.world_size,
+            "world_size": self.data_world,
             "global_batch_size": self.cfg.data.global_batch_size,
             "rng_torch": self._gather_rng(),
             "rng_host": capture_rng_state(),
@@ -154,12 +155,12 @@ class Trainer:
 
     def _gather_rng(self) -> list[torch.Tensor]:
         state = torch.get_rng_state()
-        if not self.ctx.distributed:
+        if not self.ctx.distributed or self.data_world == 1:
             return [state]
         device = self.ctx.device if self.ctx.backend == "nccl" else torch.device("cpu")
         local = state.to(device)
-        gathered = [torch.empty_like(local) for _ in range(self.ctx.world_size)]
-        dist.all_gather(gathered, local)
+        gathered = [torch.empty_like(local) for _ in range(self.data_world)]
+        dist.all_gather(gathered, local, group=self.strategy.data_group())
         return [g.cpu() for g in gathered]
 
     def _maybe_resume(self) -> None:
@@ -182,9 +183,9 @@ class Trainer:
         if state["global_batch_size"] != self.cfg.data.global_batch_size:
             # A different global batch changes what a step is: restart the epoch position.
             self.batch_in_epoch = 0
-        if state["world_size"] == self.ctx.world_size:
-            torch.set_rng_state(state["rng_torch"][self.ctx.rank].cpu())
-            if self.ctx.rank == 0:
+        if state["world_size"] == self.data_world:
+            torch.set_rng_state(state["rng_torch"][self.data_rank].cpu())
+            if self.data_rank == 0:
                 restore_rng_state(state["rng_host"])
         else:
             seed_everything(self.cfg.seed + 1 + self.ctx.rank + 7919 * self.step)
@@ -192,7 +193,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         state = self.state_dict()  # collective: every rank must call
-        if self.ctx.is_main:
+        if self.data_rank == 0:
             return self.checkpoints.save(state, self.step)
         return None
 
@@ -256,7 +257,7 @@ class Trainer:
             loss_sum += loss.detach()
         if self.cfg.schedule.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.schedule.grad_clip)
-        self.optimizer.step()
+        self.strategy.optimizer_step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss_sum.item()), comm
@@ -265,13 +266,15 @@ class Trainer:
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Loss and accuracy on a split, sharded across ranks and reduced exactly."""
         dataset = self.bundle.test if split == "test" else self.bundle.train
+        eval_ctx = dataclasses.replace(self.ctx, rank=self.data_rank, world_size=self.data_world)
         return evaluate_model(
             self.raw_model,
             dataset,
             self.task,
-            self.ctx,
+            eval_ctx,
             self.cfg.data.eval_batch_size,
             self._autocast,
+            group=self.strategy.data_group(),
         )
 
     def fit(self, until_step: int | None = None) -> dict[str, Any]:
@@ -283,8 +286,10 @@ class Trainer:
         """
         from distml.train.progress import ProgressReporter
 
+        if self.strategy.is_server(self.ctx):
+            return self.strategy.serve(self)
         cfg = self.cfg
-        main = self.ctx.is_main
+        main = self.data_rank == 0
         metrics = MetricsWriter(
             self.run_dir / cfg.logging.metrics_file if main else None,
             append=self.resumed_from is not None,
@@ -420,6 +425,7 @@ def evaluate_model(
     ctx: DistContext,
     batch_size: int,
     autocast: Any = nullcontext,
+    group: dist.ProcessGroup | None = None,
 ) -> dict[str, float]:
     """Sharded evaluation: each rank takes a contiguous shard, sums are all-reduced."""
     was_training = model.training
@@ -436,7 +442,7 @@ def evaluate_model(
             loss, correct, count = task_sums(logits, y, task)
             sums += torch.stack([loss.double(), correct.double(), count.double()])
     if ctx.distributed:
-        dist.all_reduce(sums)
+        dist.all_reduce(sums, group=group)
     model.train(was_training)
     loss_sum, correct, count = sums.tolist()
     count = max(count, 1.0)

@@ -119,6 +119,9 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: True when aggregate_fit depends on the results only through their
+    #: example-weighted mean update, so a secure sum of the updates suffices.
+    linear_aggregation: ClassVar[bool] = False
 
     def __init__(
         self,

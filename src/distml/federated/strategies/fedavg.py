@@ -12,6 +12,7 @@ class FedAvg(Strategy):
     """``w <- sum_k n_k w_k / sum_k n_k`` over the round's clients."""
 
     name = "fedavg"
+    linear_aggregation = True
 
     def aggregate_fit(
         self, server_round: int, results: Sequence[FitResult], current: Parameters

@@ -19,6 +19,7 @@ class FedAvgM(Strategy):
     """``v <- beta v + mean_update``; ``w <- w + server_learning_rate * v``."""
 
     name = "fedavgm"
+    linear_aggregation = True
 
     def __init__(
         self, *, server_learning_rate: float = 1.0, server_momentum: float = 0.9, **base: Any

@@ -30,6 +30,8 @@ from distml.federated.strategies.base import (
 class FedOpt(Strategy):
     """Shared state and step of FedAdagrad, FedAdam and FedYogi."""
 
+    linear_aggregation = True
+
     def __init__(
         self,
         *,
