@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,17 @@ def _train_worker(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     cfg = build_config(cfg_dict)
     ctx = init_distributed(cfg.parallel.backend, cfg.parallel.device)
     try:
-        return Trainer(cfg, ctx).fit()
+        summary = Trainer(cfg, ctx).fit()
     finally:
         destroy_distributed()
+    if summary.get("stopped_by_signal") and os.environ.get("TORCHELASTIC_RUN_ID"):
+        # The agent is shutting the job down and will not collect return values; a
+        # normal return would block in the launcher's result hand-off until its
+        # shutdown timeout kills us. The checkpoint is on disk, so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return summary
 
 
 def train(cfg: Config, spec: LaunchSpec | None = None) -> dict[str, Any]:

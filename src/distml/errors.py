@@ -30,6 +30,12 @@ class CheckpointError(UserError):
     """A checkpoint is missing, truncated or incompatible with the config."""
 
 
+class JobStopped(DistmlError):
+    """The job was asked to stop (SIGTERM/SIGUSR1) and stopped at a step boundary."""
+
+    exit_code = 0
+
+
 class WorkerFailure(DistmlError):
     """A worker process of a distributed job raised or was killed."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -13,8 +13,12 @@ Split = tuple[torch.Tensor, torch.Tensor]
 
 
 @pytest.fixture(autouse=True)
-def _single_thread() -> None:
+def _single_thread() -> Iterator[None]:
+    # The machine's cores are shared; one thread keeps timings steady. Restored after.
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -70,6 +70,8 @@ def test_natural_partition_groups_by_id() -> None:
     assert [p.tolist() for p in parts] == [[1, 4], [0, 2, 5], [3]]
     parts = partition("natural", num_clients=3, group_ids=groups)
     _assert_exact_cover(parts, 6)
+    with pytest.raises(ConfigError, match="natural partition has 3 groups but num_clients=4"):
+        partition("natural", num_clients=4, group_ids=groups)
 
 
 def test_label_histograms_count_labels_per_client() -> None:

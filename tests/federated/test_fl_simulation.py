@@ -199,6 +199,8 @@ def test_simulate_rejects_bad_arguments(
         simulate(mlp_fn, train, parts, FedAvg(), rounds=1, mode="threads")
     with pytest.raises(ConfigError, match=r"clients_per_round must be in 1..5 \(the number"):
         simulate(mlp_fn, train, parts, FedAvg(), rounds=1, clients_per_round=6)
+    with pytest.raises(ConfigError, match="partitions must index into it"):
+        simulate(mlp_fn, (train[0][:100], train[1][:100]), parts, FedAvg(), rounds=1)
     with pytest.raises(ConfigError, match="every client partition must hold at least one sample"):
         simulate(mlp_fn, train, [*parts, np.array([], dtype=np.int64)], FedAvg(), rounds=1)
 
@@ -237,6 +239,12 @@ def test_secure_aggregation_gives_the_same_model_as_plain_fedavg(
     assert runs[1].rounds[0].bytes_up == 6 * 8 * (dim + 1)
     with pytest.raises(ConfigError, match="strategy 'krum' needs individual client updates"):
         simulate(mlp_fn, train, parts, Krum(), rounds=1, secure_aggregation=4)
+    with pytest.raises(
+        ConfigError, match=r"threshold must be in 2..3 \(clients per round\), got 4"
+    ):
+        simulate(
+            mlp_fn, train, parts, FedAvg(), rounds=1, clients_per_round=3, secure_aggregation=4
+        )
 
 
 def test_local_dp_and_dropout_models_run_in_vmap_mode(digits: tuple[Split, Split]) -> None:

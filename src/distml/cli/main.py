@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import os
 
         os.environ["DISTML_DEBUG"] = "1"
-    from distml.errors import DistmlError, UserError, WorkerFailure
+    from distml.errors import DistmlError, JobStopped, UserError, WorkerFailure
 
     try:
         return func(args)
@@ -280,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"distml: error: {exc}", file=sys.stderr)
         return 2
+    except JobStopped as exc:
+        print(f"distml: {exc}", file=sys.stderr)
+        return 0
     except WorkerFailure as exc:
         if args.debug:
             raise

@@ -14,6 +14,10 @@ from distml.federated.parameters import (
     parameters_to_bytes,
     set_parameters,
 )
+from distml.federated.partition import label_histograms, partition
+from distml.federated.privacy import DifferentialPrivacy, RDPAccountant
+from distml.federated.secagg import SecAggClient, SecAggServer, secure_sum
+from distml.federated.simulation import History, RoundRecord, simulate
 from distml.federated.strategies import (
     EvaluateResult,
     FitResult,
@@ -23,15 +27,25 @@ from distml.federated.strategies import (
 )
 
 __all__ = [
+    "DifferentialPrivacy",
     "EvaluateResult",
     "FitResult",
+    "History",
     "Parameters",
+    "RDPAccountant",
+    "RoundRecord",
+    "SecAggClient",
+    "SecAggServer",
     "Strategy",
     "build_strategy",
     "get_parameters",
+    "label_histograms",
     "parameter_names",
     "parameters_from_bytes",
     "parameters_to_bytes",
+    "partition",
+    "secure_sum",
     "set_parameters",
+    "simulate",
     "strategy_names",
 ]

@@ -123,14 +123,18 @@ PARTITIONERS = ("iid", "dirichlet", "shards", "natural")
 def partition(
     method: str,
     *,
-    num_clients: int,
+    num_clients: int | None = None,
     labels: np.ndarray | None = None,
     num_samples: int | None = None,
     group_ids: np.ndarray | None = None,
     seed: int = 0,
     **options: Any,
 ) -> IndexArrays:
-    """Dispatch by name: ``partition("dirichlet", labels=y, num_clients=100, alpha=0.5)``."""
+    """Dispatch by name: ``partition("dirichlet", labels=y, num_clients=100, alpha=0.5)``.
+
+    ``natural`` makes one client per group id, so ``num_clients`` is then only
+    checked against the number of groups when given.
+    """
     allowed = {"iid": set(), "dirichlet": {"alpha", "min_size"}, "shards": {"classes_per_client"}}
     if method not in PARTITIONERS:
         raise ConfigError(
@@ -145,7 +149,15 @@ def partition(
     if method == "natural":
         if group_ids is None:
             raise ConfigError("partition 'natural' needs a group id per sample (group_ids)")
-        return natural_partition(group_ids)
+        parts = natural_partition(group_ids)
+        if num_clients is not None and num_clients != len(parts):
+            raise ConfigError(
+                f"natural partition has {len(parts)} groups but num_clients={num_clients}; "
+                f"set num_clients to {len(parts)} or leave it out"
+            )
+        return parts
+    if num_clients is None:
+        raise ConfigError(f"partition {method!r} needs num_clients")
     if method == "iid":
         n = num_samples if num_samples is not None else len(_require_labels(labels, method))
         return iid_partition(n, num_clients, seed)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from distml.errors import UserError, WorkerFailure
+from distml.errors import JobStopped, UserError, WorkerFailure
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,10 @@ def launch(
             )
         host, port = parse_master(spec.master)
         endpoint, backend, rdzv_configs = f"{host}:{port}", "c10d", {}
+    extra: dict[str, Any] = {}
+    if "signals_to_handle" in LaunchConfig.__dataclass_fields__:
+        # SIGUSR1 (suspend request) is forwarded to the workers like SIGTERM.
+        extra["signals_to_handle"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
     config = LaunchConfig(
         min_nodes=lo,
         max_nodes=hi,
@@ -174,6 +179,7 @@ def launch(
         max_restarts=spec.max_restarts,
         monitor_interval=spec.monitor_interval,
         start_method="spawn",
+        **extra,
     )
     _quiet_elastic_logs()
     try:
@@ -181,6 +187,11 @@ def launch(
     except ChildFailedError as exc:
         raise _failure_to_error(exc) from None
     except SignalException as exc:
-        # The agent has already stopped the workers; report it as an interrupt.
+        # The agent forwarded the signal to the workers and waited for them to exit.
+        if exc.sigval in (signal.SIGTERM, signal.SIGUSR1):
+            raise JobStopped(
+                f"stopped on {signal.Signals(exc.sigval).name} at a step boundary with a "
+                "checkpoint; continue with --resume"
+            ) from None
         raise KeyboardInterrupt(str(exc)) from None
     return dict(results or {})

@@ -35,6 +35,8 @@ class _CommTimer:
         inner_hook: "Callable[..., torch.futures.Future[torch.Tensor]] | None" = None,
     ) -> None:
         self.group = group
+        # Cached: the hook runs once per bucket per step and this call is not free.
+        self.world_size = dist.get_world_size(group)
         self.inner_state = inner_state
         self.inner_hook = inner_hook
         self.last_launch = 0.0
@@ -56,7 +58,7 @@ def _timed_hook(state: _CommTimer, bucket: dist.GradBucket) -> torch.futures.Fut
         return state.inner_hook(state.inner_state, bucket).then(finish)
     # Same arithmetic as DDP's built-in reducer: divide by the world, then sum.
     buffer = bucket.buffer()
-    buffer.div_(dist.get_world_size(state.group))
+    buffer.div_(state.world_size)
     work = dist.all_reduce(buffer, group=state.group, async_op=True)
     assert work is not None
     return work.get_future().then(finish)
@@ -179,4 +181,8 @@ def build_strategy(cfg: ParallelSection) -> Strategy:
     """The strategy named by ``parallel.strategy``."""
     if cfg.strategy == "ddp":
         return DDPStrategy(cfg)
+    if cfg.strategy == "ps":
+        from distml.parallel.ps import PSStrategy
+
+        return PSStrategy(cfg)
     raise ValueError(f"unknown strategy {cfg.strategy!r}")

@@ -44,6 +44,7 @@ from distml.train.metrics import (
 )
 from distml.train.optim import build_optimizer
 from distml.train.schedule import build_scheduler, scaled_lr
+from distml.train.stopping import StopRequest
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -238,29 +239,35 @@ class Trainer:
 
     def train_step(self, micro_batches: list[Batch]) -> tuple[float, float]:
         """One optimizer step over this rank's micro-batches; returns (loss, exposed comm s)."""
-        self.model.train()
+        if not self.raw_model.training:
+            # Setting the mode walks every submodule: only do it after evaluation.
+            self.model.train()
         accum = len(micro_batches)
-        loss_sum = torch.zeros((), device=self.ctx.device)
+        loss_total = 0.0
         comm = 0.0
-        for i, (x, y) in enumerate(micro_batches):
-            last = i == accum - 1
-            sync_ctx = nullcontext() if last else self.strategy.no_sync(self.model)
-            with sync_ctx:
+        for x, y in micro_batches[:-1]:
+            with self.strategy.no_sync(self.model):
                 with self._autocast():
                     logits = self.model(x)
                 loss = task_loss(logits, y, self.task) / accum
-                if last:
-                    self.strategy.begin_backward()
                 loss.backward()
-                if last:
-                    comm = self.strategy.exposed_comm_seconds(time.perf_counter())
-            loss_sum += loss.detach()
+            loss_total += float(loss.detach())
+        x, y = micro_batches[-1]
+        with self._autocast():
+            logits = self.model(x)
+        loss = task_loss(logits, y, self.task)
+        if accum > 1:
+            loss = loss / accum
+        self.strategy.begin_backward()
+        loss.backward()
+        comm = self.strategy.exposed_comm_seconds(time.perf_counter())
+        loss_total += float(loss.detach())
         if self.cfg.schedule.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.schedule.grad_clip)
         self.strategy.optimizer_step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss_sum.item()), comm
+        return loss_total, comm
 
     @torch.no_grad()
     def evaluate(self, split: str = "test") -> dict[str, float]:
@@ -310,6 +317,12 @@ class Trainer:
             reporter.log(
                 f"resumed from {self.resumed_from} at step {self.step} (epoch {self.epoch})"
             )
+        flag_device = self.ctx.device if self.ctx.backend == "nccl" else torch.device("cpu")
+        stop = StopRequest(
+            self.ctx.distributed and self.data_world > 1, flag_device, self.strategy.data_group()
+        )
+        stop.install()
+        stopped = False
         try:
             while self.step < self.total_steps and self.epoch < cfg.schedule.epochs:
                 if self.batch_in_epoch >= self.steps_per_epoch:
@@ -348,9 +361,20 @@ class Trainer:
                         self.save_checkpoint()
                     if self.step >= self.total_steps or self.step == until_step:
                         break
-                if self.step == until_step and self.step < self.total_steps:
+                    if stop.should_stop():
+                        stopped = True
+                        break
+                if stopped or (self.step == until_step and self.step < self.total_steps):
+                    stop.drain()
                     self.save_checkpoint()
+                    if main and stopped:
+                        reporter.log(
+                            f"stopped on {stop.signal_name or 'request'} after step {self.step}; "
+                            f"checkpoint {self.checkpoints.path_for(self.step)} "
+                            "(resume with --resume)"
+                        )
                     break
+                stop.drain()  # evaluation and checkpoints issue collectives of their own
                 epoch_done = self.batch_in_epoch >= self.steps_per_epoch
                 if epoch_done:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -371,6 +395,7 @@ class Trainer:
                 if epoch_done or self.step >= self.total_steps:
                     self.save_checkpoint()
         finally:
+            stop.uninstall()
             reporter.close()
             metrics.close()
             if profiler is not None:
@@ -392,6 +417,7 @@ class Trainer:
             "test_loss": last_eval.get("loss"),
             "test_accuracy": last_eval.get("accuracy"),
             "checkpoint": str(self.checkpoints.latest() or ""),
+            "stopped_by_signal": stopped,
             **self.strategy.summary(),
         }
         if main:
