@@ -31,6 +31,8 @@ from distml.errors import ConfigError, DistmlError
 Observer = Callable[[float, ClusterState, list[Decision]], None]
 
 _COMPLETION, _WAKEUP = 0, 1
+# Every this many rounds, check that some job progressed (catches preemption livelock).
+_PROGRESS_CHECK_ROUNDS = 2_000
 # Progress shortfall (seconds) still counted as complete, to absorb float rounding.
 _DONE_TOLERANCE = 1e-6
 
@@ -41,7 +43,14 @@ class SimulationError(DistmlError):
 
 @dataclass
 class SimResult:
-    """Metrics of one simulated run; ``jcts`` keeps every job's completion time."""
+    """Metrics of one simulated run (seconds); ``jcts`` keeps every job's completion time.
+
+    ``avg_queueing_delay`` is submit to first start; ``avg_waiting_time`` is all
+    time not holding GPUs (JCT minus held time). ``utilization`` is busy GPU-time
+    (a packed slot counts once) over GPUs x makespan. ``preemptions`` counts
+    suspensions (including unpacking to the queue), ``migrations`` moves
+    (including unpacking to a free GPU), ``resizes`` grows and shrinks.
+    """
 
     policy: str
     num_jobs: int
@@ -84,6 +93,10 @@ class _Progress:
         self.stall_until = 0.0
         self.version = 0
 
+    def done_at(self, now: float) -> float:
+        active_from = max(self.since, self.stall_until)
+        return self.done + self.rate * max(0.0, now - active_from)
+
     def settle(self, now: float) -> None:
         if self.rate > 0.0:
             active_from = max(self.since, self.stall_until)
@@ -112,6 +125,12 @@ class Simulator:
         self.jobs = sorted(jobs, key=lambda j: (j.submit_time, j.job_id))
         self.policy = policy
         self.costs = costs if costs is not None else CostModel()
+        quantum = getattr(policy, "quantum", None)
+        if quantum is not None and quantum <= self.costs.suspend_resume_cost:
+            raise ConfigError(
+                f"{policy.name} quantum ({quantum:g} s) must be longer than suspend_resume_cost "
+                f"({self.costs.suspend_resume_cost:g} s), or time-sliced jobs never progress"
+            )
         self.observer = observer
         self.clock = SimulatedClock(self.jobs[0].submit_time if self.jobs else 0.0)
         self.state = ClusterState(gpus // gpus_per_node, gpus_per_node, self.clock)
@@ -119,6 +138,7 @@ class Simulator:
         self.state.packing_estimator = lambda a, b: (speed, speed)
         self._progress: dict[int, _Progress] = {}
         self._events: list[tuple[float, int, int, int]] = []
+        self._last_mark: tuple[int, float] = (-1, -1.0)
         self._counts = dict.fromkeys(
             ("preemptions", "migrations", "packs", "unpacks", "resizes", "rounds"), 0
         )
@@ -149,6 +169,8 @@ class Simulator:
                 elif self._progress[job_id].version == version:
                     self._complete(job_id, now)
             self._round(now)
+            if self._counts["rounds"] % _PROGRESS_CHECK_ROUNDS == 0:
+                self._check_progress(now)
             wake = self.policy.next_wakeup(state, now)
             interval = self.costs.schedule_interval
             if interval is not None and (state.num_running or state.num_waiting):
@@ -165,6 +187,19 @@ class Simulator:
         return self._result(busy_area, time.perf_counter() - started)
 
     # ------------------------------------------------------------- internals
+    def _check_progress(self, now: float) -> None:
+        finished = sum(1 for j in self.state.jobs.values() if j.status is JobStatus.DONE)
+        work = sum(p.done_at(now) for p in self._progress.values())
+        mark = (finished, work)
+        if mark == self._last_mark:
+            raise SimulationError(
+                f"no job progressed in {_PROGRESS_CHECK_ROUNDS} scheduling rounds before "
+                f"t={now:.0f} s: jobs are preempted before their suspend_resume_cost "
+                f"({self.costs.suspend_resume_cost:g} s) is paid; lower the cost or let jobs "
+                "run longer between preemptions"
+            )
+        self._last_mark = mark
+
     def _stale(self, event: tuple[float, int, int, int]) -> bool:
         _, kind, job_id, version = event
         return kind == _COMPLETION and self._progress[job_id].version != version

@@ -269,7 +269,9 @@ class ClusterState:
                 f"job {job_id} needs {job.min_gpus} GPUs but the cluster has {self.total_gpus}; "
                 "drop the job or add GPUs"
             )
+        # An elastic job may ask for more than exists as long as its minimum fits.
         job.max_gpus = min(job.max_gpus, self.total_gpus)
+        job.num_gpus = min(job.num_gpus, self.total_gpus)
         self.jobs[job_id] = job
         self._waiting[job_id] = None
         self._journal.append(job_id)

@@ -21,16 +21,24 @@ import torch.distributed as dist
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class StopRequest:
-    """Signal-driven stop flag with a distributed agreement on when to stop."""
+class StepSync:
+    """Per-step agreement on stopping, carrying the global mean loss for free.
 
-    def __init__(self, distributed: bool, device: torch.device, group: Any = None) -> None:
+    ``submit`` launches this step's all-reduce of ``[stop flag, local loss]`` and
+    completes the previous step's, so the metrics line of step k is written when
+    step k+1 ends (or at ``drain``) with the loss averaged over all data ranks.
+    """
+
+    def __init__(
+        self, distributed: bool, device: torch.device, group: Any = None, world: int = 1
+    ) -> None:
         self.requested = False
         self.signal_name = ""
         self._distributed = distributed
         self._device = device
         self._group = group
-        self._pending: tuple[Any, torch.Tensor] | None = None
+        self._world = world
+        self._pending: tuple[Any, torch.Tensor, dict[str, Any] | None] | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -48,22 +56,31 @@ class StopRequest:
             signal.signal(sig, previous)
         self._previous.clear()
 
-    def should_stop(self) -> bool:
-        """Called once per step on every data rank; True on all ranks at the same step."""
+    def submit(
+        self, local_loss: float, record: dict[str, Any] | None
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """(stop now?, the previous step's record with its global loss) on every data rank."""
         if not self._distributed:
-            return self.requested
-        decided = False
-        if self._pending is not None:
-            work, flag = self._pending
-            work.wait()
-            decided = bool(flag.item() > 0)
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=self._device)
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
-        self._pending = (work, flag)
-        return decided
+            return self.requested, record
+        stop, finished = self._complete()
+        values = torch.tensor(
+            [1.0 if self.requested else 0.0, local_loss], dtype=torch.float64, device=self._device
+        )
+        work = dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self._group, async_op=True)
+        self._pending = (work, values, record)
+        return stop, finished
 
-    def drain(self) -> None:
-        """Complete the outstanding agreement so collectives stay matched across ranks."""
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
+    def drain(self) -> dict[str, Any] | None:
+        """Complete the outstanding exchange (before other collectives); return its record."""
+        return self._complete()[1]
+
+    def _complete(self) -> tuple[bool, dict[str, Any] | None]:
+        if self._pending is None:
+            return False, None
+        work, values, record = self._pending
+        self._pending = None
+        work.wait()
+        flag, loss_sum = values.tolist()
+        if record is not None:
+            record["loss"] = loss_sum / self._world
+        return flag > 0, record

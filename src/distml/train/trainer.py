@@ -44,7 +44,7 @@ from distml.train.metrics import (
 )
 from distml.train.optim import build_optimizer
 from distml.train.schedule import build_scheduler, scaled_lr
-from distml.train.stopping import StopRequest
+from distml.train.stopping import StepSync
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -318,9 +318,17 @@ class Trainer:
                 f"resumed from {self.resumed_from} at step {self.step} (epoch {self.epoch})"
             )
         flag_device = self.ctx.device if self.ctx.backend == "nccl" else torch.device("cpu")
-        stop = StopRequest(
-            self.ctx.distributed and self.data_world > 1, flag_device, self.strategy.data_group()
+        stop = StepSync(
+            self.ctx.distributed and self.data_world > 1,
+            flag_device,
+            self.strategy.data_group(),
+            self.data_world,
         )
+
+        def log_step(record: dict[str, Any] | None) -> None:
+            if record is not None:
+                metrics.write(record)
+
         stop.install()
         stopped = False
         try:
@@ -337,23 +345,27 @@ class Trainer:
                     self.step += 1
                     self.batch_in_epoch += 1
                     busy = self.strategy.comm_busy_seconds()
+                    record: dict[str, Any] | None = None
                     if main:
                         self.times.add(t_data, t_compute, t_comm, t_step)
-                        metrics.write(
-                            {
-                                "step": self.step,
-                                "epoch": self.epoch,
-                                "loss": loss,
-                                "lr": self.scheduler.get_last_lr()[0],
-                                "samples_per_s": global_batch / t_step if t_step > 0 else 0.0,
-                                "t_data": t_data,
-                                "t_compute": t_compute,
-                                "t_comm": t_comm,
-                                "t_comm_busy": busy,
-                                "t_step": t_step,
-                            }
-                        )
-                        reporter.advance(loss=loss, epoch=self.epoch)
+                        record = {
+                            "step": self.step,
+                            "epoch": self.epoch,
+                            "loss": loss,
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "samples_per_s": global_batch / t_step if t_step > 0 else 0.0,
+                            "t_data": t_data,
+                            "t_compute": t_compute,
+                            "t_comm": t_comm,
+                            "t_comm_busy": busy,
+                            "t_step": t_step,
+                        }
+                    # Every data rank takes part: the global loss and the stop decision.
+                    stop_now, finished = stop.submit(loss, record)
+                    log_step(finished)
+                    if main:
+                        shown = finished["loss"] if finished is not None else loss
+                        reporter.advance(loss=shown, epoch=self.epoch)
                     if profiler is not None:
                         profiler.step()
                     every = cfg.checkpoint.every_steps
@@ -361,11 +373,11 @@ class Trainer:
                         self.save_checkpoint()
                     if self.step >= self.total_steps or self.step == until_step:
                         break
-                    if stop.should_stop():
+                    if stop_now:
                         stopped = True
                         break
+                log_step(stop.drain())  # evaluation and checkpoints issue their own collectives
                 if stopped or (self.step == until_step and self.step < self.total_steps):
-                    stop.drain()
                     self.save_checkpoint()
                     if main and stopped:
                         reporter.log(
@@ -374,7 +386,6 @@ class Trainer:
                             "(resume with --resume)"
                         )
                     break
-                stop.drain()  # evaluation and checkpoints issue collectives of their own
                 epoch_done = self.batch_in_epoch >= self.steps_per_epoch
                 if epoch_done:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -384,10 +395,15 @@ class Trainer:
                 )
                 if evaluate_now:
                     last_eval = self.evaluate("test")
-                    record = {"event": "eval", "step": self.step, "epoch": self.epoch, **last_eval}
-                    self.history.append(record)
+                    eval_record: dict[str, Any] = {
+                        "event": "eval",
+                        "step": self.step,
+                        "epoch": self.epoch,
+                        **last_eval,
+                    }
+                    self.history.append(eval_record)
                     if main:
-                        metrics.write(record)
+                        metrics.write(eval_record)
                         reporter.log(
                             f"epoch {self.epoch:>3}  step {self.step:>6}  "
                             f"test loss {last_eval['loss']:.4f}  acc {last_eval['accuracy']:.4f}"

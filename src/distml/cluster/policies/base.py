@@ -8,6 +8,12 @@ Policies stay incremental by reading the state's change journal
 (:meth:`Policy.changed_jobs`) instead of rescanning every job at every event,
 and may ask to be called again at a given time (:meth:`Policy.next_wakeup`),
 e.g. when a quantum expires or a job crosses a priority threshold.
+
+The owner of the state (simulator or live service) follows one protocol:
+``add_job`` on submission; ``schedule`` on arrivals, completions and wake-ups;
+carry out and ``apply`` the decisions in order (stopping at the first one that
+fails, then scheduling again); ``set_throughput`` when a job's normalized speed
+is measured; ``finish`` when a job exits; ``next_wakeup`` to arm a timer.
 """
 
 from __future__ import annotations
