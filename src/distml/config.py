@@ -90,7 +90,7 @@ class ScheduleSection(_Section):
 
 
 class ParallelSection(_Section):
-    strategy: Literal["ddp"] = "ddp"
+    strategy: Literal["ddp", "ps"] = "ddp"
     nproc: int = Field(2, gt=0)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -106,6 +106,15 @@ class ParallelSection(_Section):
     #: All-reduce used by DDP: the backend's builtin, or distml's ring |
     #: halving_doubling | tree | hierarchical over point-to-point.
     allreduce_algorithm: str = "builtin"
+    #: Parameter server (strategy ps): ranks 0..workers-1 train, the last `servers` ranks
+    #: hold the parameter shards; world size must be servers + workers.
+    servers: int = 1
+    workers: int = 1
+    #: ps: sync (bulk-synchronous, equals DDP) | async | ssp (bounded by `staleness` steps).
+    consistency: Literal["sync", "async", "ssp"] = "sync"
+    staleness: int = 1
+    #: ps: codec of pushes and pulls: none | fp16 | bf16 | int8 | topk.
+    ps_codec: str = "none"
 
 
 class CheckpointSection(_Section):
@@ -126,6 +135,33 @@ class LoggingSection(_Section):
     profile_steps: int = Field(3, gt=0)
 
 
+class FederatedSection(_Section):
+    """Federated learning: strategy, clients, local training, partitioning, privacy."""
+
+    strategy: str = "fedavg"
+    #: Keyword options of the strategy class (e.g. {mu: 0.01} for fedprox).
+    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    clients: int = Field(10, gt=0)
+    clients_per_round: int = Field(5, gt=0)
+    rounds: int = Field(20, gt=0)
+    local_epochs: int = Field(1, gt=0)
+    local_batch_size: int = Field(16, gt=0)
+    local_lr: float = Field(0.1, gt=0.0)
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    #: Dirichlet concentration (smaller: more skewed label mixes per client).
+    alpha: float = Field(0.5, gt=0.0)
+    classes_per_client: int = Field(2, gt=0)
+    #: Simulation engine: vmap trains the sampled clients together; sequential is the reference.
+    simulation: Literal["vmap", "sequential"] = "vmap"
+    #: Client-level DP-FedAvg: clip norm and noise multiplier (0 disables).
+    dp_clip: float = Field(0.0, ge=0.0)
+    dp_noise: float = Field(0.0, ge=0.0)
+    dp_mode: Literal["central", "local"] = "central"
+    dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    #: Secure aggregation threshold (0 disables): clients needed to unmask the sum.
+    secagg_threshold: int = Field(0, ge=0)
+
+
 class Config(_Section):
     name: str = "digits-cnn"
     seed: int = 0
@@ -136,6 +172,7 @@ class Config(_Section):
     parallel: ParallelSection = Field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    federated: FederatedSection = Field(default_factory=FederatedSection)
 
     @model_validator(mode="after")
     def _check(self) -> Config:

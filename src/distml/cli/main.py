@@ -116,6 +116,72 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fl_partition(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from distml.federated.api import partition_report
+
+    cfg = _load(args.items)
+    parts, hist = partition_report(cfg)
+    table = Table(
+        title=f"{cfg.federated.partition} partition of {cfg.data.name} "
+        f"over {len(parts)} clients (label histograms)"
+    )
+    table.add_column("client", justify="right")
+    table.add_column("samples", justify="right")
+    for label in range(hist.shape[1]):
+        table.add_column(str(label), justify="right")
+    for client, (idx, row) in enumerate(zip(parts, hist, strict=True)):
+        table.add_row(str(client), str(len(idx)), *(str(int(v)) for v in row))
+    Console().print(table)
+    return 0
+
+
+def cmd_fl_simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from distml.federated.api import run_simulation
+
+    cfg = _load(args.items)
+    console = Console(highlight=False)
+
+    def show(record: object) -> None:
+        r = record  # RoundRecord
+        console.print(
+            f"round {r.round:>4}  clients {len(r.clients):>4}  test acc {r.test_accuracy:.4f}  "  # type: ignore[attr-defined]
+            f"loss {r.test_loss:.4f}  up {r.bytes_up:,} B  {r.seconds:.2f} s"  # type: ignore[attr-defined]
+        )
+
+    history = run_simulation(cfg, clients=args.clients, on_round=show, out=args.out)
+    final = history.final_accuracy
+    console.print(f"final test accuracy {final:.4f}" if final is not None else "done")
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from distml.cluster import compare_policies, format_table
+
+    policies = [p.strip() for p in (args.compare or args.policy).split(",") if p.strip()]
+    summaries = compare_policies(
+        args.trace,
+        policies,
+        args.gpus,
+        args.gpus_per_node,
+        offset=args.offset,
+        limit=args.limit,
+        cluster=args.cluster,
+        plot_path=args.plot,
+    )
+    print(format_table(summaries))
+    if args.plot:
+        print(f"wrote {args.plot}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(summaries, fh, indent=2)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from distml import api
 
@@ -242,6 +308,55 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     p.set_defaults(func=cmd_quantize)
+
+    fl = sub.add_parser("fl", help="federated learning: partition, simulate")
+    fl_sub = fl.add_subparsers(dest="fl_command", metavar="FL_COMMAND", required=True)
+    p = fl_sub.add_parser(
+        "partition",
+        help="print per-client label histograms of a partition",
+        description="Partition the config's dataset over federated.clients "
+        "clients (iid, dirichlet, shards; seeded) and print label histograms.",
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    p.set_defaults(func=cmd_fl_partition)
+    p = fl_sub.add_parser(
+        "simulate",
+        help="simulate many federated clients on this machine",
+        description="Run federated.rounds rounds with virtual clients; the "
+        "sampled clients of a round train together (torch.func vmap).",
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument("--clients", type=int, default=None, help="number of clients (default: config)")
+    p.add_argument("--out", default=None, help="write per-round metrics as JSON here")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    p.set_defaults(func=cmd_fl_simulate)
+
+    p = sub.add_parser(
+        "sim",
+        help="replay a cluster job trace through scheduling policies",
+        description="Trace-driven cluster simulation (Philly CSV format: "
+        "timestamp,duration,num_gpus,...) with suspend/resume, migration, "
+        "split-job slowdown and packing interference.",
+    )
+    p.add_argument("trace", help="CSV trace (e.g. ../shared/data/philly_jobs.csv)")
+    p.add_argument("--policy", default="fifo", help="fifo, las or gandiva (default fifo)")
+    p.add_argument("--compare", default=None, help="comma-separated policies to compare")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many jobs of the trace")
+    p.add_argument("--limit", type=int, default=None, help="replay at most this many jobs")
+    p.add_argument("--cluster", default=None, help="only jobs of this virtual cluster")
+    p.add_argument("--plot", default=None, help="write a JCT CDF plot (PNG) here")
+    p.add_argument("--json", default=None, help="write the summaries as JSON here")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser("info", help="torch version, backends, devices, cores")
     p.add_argument("--json", action="store_true", help="print as JSON")

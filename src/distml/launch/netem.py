@@ -71,6 +71,8 @@ def parse_rate(rate: str | float | None) -> float | None:
     else:
         match = _NUMBER_UNIT.match(rate)
         unit = match.group(2).lower() if match else ""
+        if match and not unit and float(match.group(1)) == 0:
+            return None  # zero needs no unit
         if not match or unit not in _RATE_UNITS:
             raise UserError(f"rate {rate!r} is not a rate; write e.g. '100mbit' or '1gbit'")
         value = float(match.group(1)) * _RATE_UNITS[unit]
@@ -88,6 +90,8 @@ def parse_delay(delay: str | float | None) -> float:
     else:
         match = _NUMBER_UNIT.match(delay)
         unit = match.group(2).lower() if match else ""
+        if match and not unit and float(match.group(1)) == 0:
+            return 0.0  # zero needs no unit
         if not match or unit not in _DELAY_UNITS:
             raise UserError(f"delay {delay!r} is not a duration; write e.g. '1ms' or '500us'")
         value = float(match.group(1)) * _DELAY_UNITS[unit]
@@ -109,6 +113,11 @@ def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0) -> s
     return proc.stdout
 
 
+def _sh(command: str, *, check: bool = True) -> str:
+    """Run an ``ip``/``tc`` command line; every word we pass is free of spaces."""
+    return _run(command.split(), check=check)
+
+
 def list_namespaces() -> list[str]:
     """Names of the named network namespaces (``ip netns list``)."""
     return [line.split()[0] for line in _run(["ip", "netns", "list"]).splitlines() if line.strip()]
@@ -128,7 +137,7 @@ def _kill_namespace_processes(namespace: str) -> None:
 
 def _delete_namespace(namespace: str) -> None:
     _kill_namespace_processes(namespace)
-    _run(["ip", "netns", "del", namespace], check=False)
+    _sh(f"ip netns del {namespace}", check=False)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -205,9 +214,17 @@ class Support:
         return "tc" if not self.tc and (delay == 0 or not self.netem) else "userspace"
 
 
-@functools.lru_cache(maxsize=1)
+_probe_lock = threading.Lock()
+
+
 def probe_support() -> Support:
     """Try each building block once in a scratch namespace (cached for the process)."""
+    with _probe_lock:
+        return _probe_support()
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_support() -> Support:
     if os.geteuid() != 0:
         reason = "needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) to create network namespaces"
         return Support(reason, reason, reason, reason)
@@ -217,23 +234,21 @@ def probe_support() -> Support:
         return Support(reason, reason, reason, reason)
     scratch = f"{PREFIX}{os.getpid()}-probe"
     try:
-        _run(["ip", "netns", "add", scratch])
+        _sh(f"ip netns add {scratch}")
     except NetworkSetupError as exc:
         reason = f"cannot create network namespaces ({exc})"
         return Support(reason, reason, reason, reason)
     try:
         tc = netem = ""
         try:
-            _run(["ip", "-n", scratch, "link", "add", "name", "va", "type", "veth", "peer", "name", "vb"])
-            _run(["ip", "-n", scratch, "link", "add", "br0", "type", "bridge"])
-            _run(["tc", "-n", scratch, "qdisc", "add", "dev", "va", "root", "tbf", "rate",
-                  "100mbit", "burst", "32kb", "latency", "50ms"])  # fmt: skip
+            _sh(f"ip -n {scratch} link add name va type veth peer name vb")
+            _sh(f"ip -n {scratch} link add br0 type bridge")
+            _sh(f"tc -n {scratch} qdisc add dev va root tbf rate 100mbit burst 32kb latency 50ms")
         except NetworkSetupError as exc:
             tc = netem = f"kernel lacks veth, bridge or sch_tbf ({exc})"
         if not tc:
             try:
-                _run(["tc", "-n", scratch, "qdisc", "add", "dev", "vb", "root", "netem", "delay",
-                      "1ms"])  # fmt: skip
+                _sh(f"tc -n {scratch} qdisc add dev vb root netem delay 1ms")
             except NetworkSetupError:
                 netem = "kernel lacks sch_netem (CONFIG_NET_SCH_NETEM), so tc cannot add delay"
     finally:
@@ -333,7 +348,9 @@ class EmulatedCluster:
         try:
             self._network = ipaddress.IPv4Network(subnet)
         except ValueError:
-            raise UserError(f"subnet {subnet!r} is not an IPv4 network; use e.g. 10.77.0.0/24") from None
+            raise UserError(
+                f"subnet {subnet!r} is not an IPv4 network; use e.g. 10.77.0.0/24"
+            ) from None
         if not 1 <= hosts <= self._network.num_addresses - 2:
             raise UserError(
                 f"hosts={hosts} does not fit subnet {subnet}; use 1 to "
@@ -397,7 +414,9 @@ class EmulatedCluster:
 
     def _check_host(self, host: int) -> None:
         if not 0 <= host < self.hosts:
-            raise UserError(f"host {host} does not exist; this cluster has hosts 0..{self.hosts - 1}")
+            raise UserError(
+                f"host {host} does not exist; this cluster has hosts 0..{self.hosts - 1}"
+            )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -444,44 +463,51 @@ class EmulatedCluster:
 
     def _add_namespace(self, name: str) -> None:
         self._namespaces.append(name)  # before creation, so a half-made one is removed too
-        _run(["ip", "netns", "add", name])
-        _run(["ip", "-n", name, "link", "set", "lo", "up"])
+        _sh(f"ip netns add {name}")
+        _sh(f"ip -n {name} link set lo up")
 
     def _address_with_prefix(self, host: int) -> str:
         return f"{self.address(host)}/{self._network.prefixlen}"
 
-    def _tbf(self, namespace: str, device: str, parent: list[str]) -> list[str]:
+    def _tbf(self, namespace: str, device: str, where: str) -> None:
         assert self.rate_bps is not None
-        burst = max(4 * (self.mtu + 14), int(self.rate_bps / 8 * 0.002))
-        return ["tc", "-n", namespace, "qdisc", "add", "dev", device, *parent, "tbf",
-                "rate", f"{int(self.rate_bps)}bit", "burst", str(burst),
-                "latency", f"{int(self.queue_s * 1e6)}us"]  # fmt: skip
+        # A token bucket lets `burst` bytes through at wire speed; a real link serialises every
+        # packet, so keep it near two frames (or 100 us of traffic at high rates).
+        burst = max(2 * (self.mtu + 14), int(self.rate_bps / 8 * 1e-4))
+        _sh(
+            f"tc -n {namespace} qdisc add dev {device} {where} tbf rate {int(self.rate_bps)}bit "
+            f"burst {burst} latency {int(self.queue_s * 1e6)}us"
+        )
 
     def _build_tc(self) -> None:
-        switch = f"{self.prefix}sw"
+        switch, mtu = f"{self.prefix}sw", self.mtu
         self._add_namespace(switch)
-        _run(["ip", "-n", switch, "link", "add", "br0", "type", "bridge"])
-        _run(["ip", "-n", switch, "link", "set", "br0", "up"])
+        _sh(f"ip -n {switch} link add br0 type bridge")
+        _sh(f"ip -n {switch} link set br0 up")
         for host in range(self.hosts):
             ns, port = self.namespace(host), f"p{host}"
             self._add_namespace(ns)
             # Both ends are created directly in their namespaces: nothing appears in the root one.
-            _run(["ip", "link", "add", "name", INTERFACE, "netns", ns, "mtu", str(self.mtu),
-                  "type", "veth", "peer", "name", port, "netns", switch, "mtu", str(self.mtu)])  # fmt: skip
-            _run(["ip", "-n", switch, "link", "set", port, "master", "br0", "up"])
-            _run(["ip", "-n", ns, "addr", "add", self._address_with_prefix(host), "dev", INTERFACE])
-            _run(["ip", "-n", ns, "link", "set", INTERFACE, "up"])
+            _sh(
+                f"ip link add name {INTERFACE} netns {ns} mtu {mtu} "
+                f"type veth peer name {port} netns {switch} mtu {mtu}"
+            )
+            _sh(f"ip -n {switch} link set {port} master br0 up")
+            _sh(f"ip -n {ns} addr add {self._address_with_prefix(host)} dev {INTERFACE}")
+            _sh(f"ip -n {ns} link set {INTERFACE} up")
             # Uplink (host egress) carries the one-way delay and the rate; downlink the rate.
             if self.delay_s > 0:
-                packets = 1000 + int((self.rate_bps or 1e10) / 8 * (self.delay_s + self.queue_s) / 500)
-                _run(["tc", "-n", ns, "qdisc", "add", "dev", INTERFACE, "root", "handle", "1:",
-                      "netem", "delay", f"{int(self.delay_s * 1e6)}us", "limit", str(packets)])  # fmt: skip
+                backlog = (self.rate_bps or 1e10) / 8 * (self.delay_s + self.queue_s)
+                _sh(
+                    f"tc -n {ns} qdisc add dev {INTERFACE} root handle 1: netem "
+                    f"delay {int(self.delay_s * 1e6)}us limit {1000 + int(backlog / 500)}"
+                )
                 if self.rate_bps:
-                    _run(self._tbf(ns, INTERFACE, ["parent", "1:1", "handle", "10:"]))
+                    self._tbf(ns, INTERFACE, "parent 1:1 handle 10:")
             elif self.rate_bps:
-                _run(self._tbf(ns, INTERFACE, ["root"]))
+                self._tbf(ns, INTERFACE, "root")
             if self.rate_bps:
-                _run(self._tbf(switch, port, ["root"]))
+                self._tbf(switch, port, "root")
 
     def _build_userspace(self) -> None:
         fds: list[int] = []
@@ -491,11 +517,10 @@ class EmulatedCluster:
                 self._add_namespace(ns)
                 fd, name = _open_tun(f"dm{os.getpid() % 10**7}t%d")
                 fds.append(fd)
-                _run(["ip", "link", "set", name, "netns", ns])
-                _run(["ip", "-n", ns, "link", "set", name, "name", INTERFACE])
-                _run(["ip", "-n", ns, "link", "set", INTERFACE, "mtu", str(self.mtu),
-                      "txqueuelen", "1000", "up"])  # fmt: skip
-                _run(["ip", "-n", ns, "addr", "add", self._address_with_prefix(host), "dev", INTERFACE])
+                _sh(f"ip link set {name} netns {ns}")
+                _sh(f"ip -n {ns} link set {name} name {INTERFACE}")
+                _sh(f"ip -n {ns} link set {INTERFACE} mtu {self.mtu} txqueuelen 1000 up")
+                _sh(f"ip -n {ns} addr add {self._address_with_prefix(host)} dev {INTERFACE}")
             ctl_read, self._switch_ctl = os.pipe()
             spec = {
                 "fds": fds,
@@ -516,7 +541,8 @@ class EmulatedCluster:
                     stdout=subprocess.PIPE,
                     stderr=log,
                     env=env,
-                    start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop it in order
+                    # Out of the terminal's process group: we, not Ctrl-C, stop it, in order.
+                    start_new_session=True,
                 )
             os.close(ctl_read)
         finally:
@@ -552,8 +578,9 @@ class EmulatedCluster:
             if self._switch is not None:
                 _stop(self._switch)
             for ns in reversed(self._namespaces):
-                _run(["ip", "netns", "del", ns], check=False)
-            left = [ns for ns in self._namespaces if ns in list_namespaces()]
+                _sh(f"ip netns del {ns}", check=False)
+            remaining = set(list_namespaces())
+            left = [ns for ns in self._namespaces if ns in remaining]
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
         finally:
@@ -579,7 +606,9 @@ class EmulatedCluster:
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` on ``host`` in its own session; it is killed at teardown at the latest."""
         if not self._started or self._closed:
-            raise RuntimeError("the cluster is not running; use it inside `with EmulatedCluster(...)`")
+            raise RuntimeError(
+                "the cluster is not running; use it inside `with EmulatedCluster(...)`"
+            )
         full_env = {**os.environ, **self.env(host), **(env or {})}
         proc = subprocess.Popen(
             ["ip", "netns", "exec", self.namespace(host), *argv],
@@ -633,11 +662,23 @@ class EmulatedCluster:
         *,
         fail_fast: bool,
     ) -> list[Result]:
+        with contextlib.ExitStack() as files:
+            return self._run_and_collect(jobs, timeout, env, cwd, fail_fast, files)
+
+    def _run_and_collect(
+        self,
+        jobs: Sequence[tuple[int, list[str]]],
+        timeout: float,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        fail_fast: bool,
+        files: contextlib.ExitStack,
+    ) -> list[Result]:
         started = time.monotonic()
         outputs, procs = [], []
         for host, argv in jobs:
             # Files, not pipes: a chatty command can't block on a full pipe while we poll.
-            out, err = tempfile.TemporaryFile(dir=self._tmp), tempfile.TemporaryFile(dir=self._tmp)
+            out, err = _scratch_fd(self._tmp, files), _scratch_fd(self._tmp, files)
             outputs.append((out, err))
             procs.append(self.popen(host, argv, env=env, cwd=cwd, stdout=out, stderr=err))
         ends: list[float | None] = [None] * len(procs)
@@ -665,16 +706,23 @@ class EmulatedCluster:
             jobs, procs, outputs, ends, timed_out, strict=True
         ):
             texts = []
-            for handle in (out, err):
-                handle.seek(0)
-                texts.append(handle.read().decode(errors="replace"))
-                handle.close()
+            for fd in (out, err):
+                size = os.fstat(fd).st_size
+                texts.append(os.pread(fd, size, 0).decode(errors="replace"))
             code = proc.returncode if proc.returncode is not None else -signal.SIGKILL
             elapsed = (end or time.monotonic()) - started
             results.append(Result(host, tuple(argv), code, texts[0], texts[1], elapsed, late))
         if self._switch is not None and self._switch.poll() is not None:
             raise NetworkSetupError(f"the userspace switch died: {self._switch_log()}")
         return results
+
+
+def _scratch_fd(folder: str | None, files: contextlib.ExitStack) -> int:
+    """An unnamed read-write file in ``folder``, closed when ``files`` closes."""
+    fd, path = tempfile.mkstemp(dir=folder)
+    os.unlink(path)
+    files.callback(os.close, fd)
+    return fd
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
