@@ -1,0 +1,168 @@
+"""Stage modules: a model's embeddings, a run of its blocks, or its head, as one module.
+
+A :class:`ModelParts` says how a plain model decomposes (which submodules are
+the embeddings, the block list and the head, and how to call them); GPT and
+BERT have one. A :class:`StageModule` registers the original submodules under
+their original names (``wte``, ``blocks.3``, ``lm_head``), so its parameters
+are the model's own objects with the model's own state-dict keys: optimizers
+built on the plain model keep working and checkpoints merge by key.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distml.errors import ConfigError
+from distml.models.bert import BERT
+from distml.models.gpt import GPT
+from distml.models.layers import check_sequence_length
+
+# The stage is typed Any: it reaches the model's submodules by attribute name.
+Forward = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """How a model splits: embedding and head submodule names, and how to run them."""
+
+    embed_names: tuple[str, ...]
+    head_names: tuple[str, ...]
+    embed_forward: Forward
+    head_forward: Forward
+    tied: tuple[tuple[str, str], ...]  # (first-stage parameter, last-stage parameter)
+
+
+def _gpt_embed(stage: Any, idx: torch.Tensor) -> torch.Tensor:
+    t = idx.shape[1]
+    check_sequence_length(t, stage.wpe.num_embeddings)
+    pos = torch.arange(t, device=idx.device)
+    out: torch.Tensor = stage.drop(stage.wte(idx) + stage.wpe(pos))
+    return out
+
+
+def _gpt_head(stage: Any, x: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = stage.lm_head(stage.ln_f(x))
+    return out
+
+
+def _bert_embed(stage: Any, idx: torch.Tensor) -> torch.Tensor:
+    check_sequence_length(idx.shape[1], stage.embeddings.pos.num_embeddings)
+    out: torch.Tensor = stage.embeddings(idx, torch.zeros_like(idx))
+    return out
+
+
+def _bert_head(stage: Any, x: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = stage.head(x)
+    return out
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """The decomposition of a supported model (distml's GPT and BERT)."""
+    if isinstance(model, GPT):
+        tied = model.lm_head.weight is model.wte.weight
+        return ModelParts(
+            ("wte", "wpe", "drop"),
+            ("ln_f", "lm_head"),
+            _gpt_embed,
+            _gpt_head,
+            (("wte.weight", "lm_head.weight"),) if tied else (),
+        )
+    if isinstance(model, BERT):
+        tied = model.head.decoder.weight is model.embeddings.tok.weight
+        return ModelParts(
+            ("embeddings",),
+            ("head",),
+            _bert_embed,
+            _bert_head,
+            (("embeddings.tok.weight", "head.decoder.weight"),) if tied else (),
+        )
+    raise ConfigError(
+        f"no pipeline plan for model {type(model).__name__}; use parallel.pp=1 or one of: gpt, bert"
+    )
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    blocks = model.blocks
+    assert isinstance(blocks, nn.ModuleList)
+    return blocks
+
+
+class StageModule(nn.Module):
+    """Blocks ``block_range`` of ``model``, plus the embeddings (first) and head (last)."""
+
+    def __init__(
+        self, model: nn.Module, parts: ModelParts, block_range: range, first: bool, last: bool
+    ) -> None:
+        super().__init__()
+        self.parts = parts
+        self.first, self.last = first, last
+        self.block_range = block_range
+        for name in parts.embed_names if first else ():
+            self.add_module(name, model.get_submodule(name))
+        blocks = _blocks(model)
+        self.blocks = nn.ModuleDict({str(i): blocks[i] for i in block_range})
+        for name in parts.head_names if last else ():
+            self.add_module(name, model.get_submodule(name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            x = self.parts.embed_forward(self, x)
+        for block in self.blocks.values():
+            x = block(x)
+        if self.last:
+            x = self.parts.head_forward(self, x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.block_range.start}..{self.block_range.stop - 1}"
+
+
+def _numel(modules: list[nn.Module]) -> float:
+    return float(sum(p.numel() for m in modules for p in m.parameters()))
+
+
+def param_costs(model: nn.Module, parts: ModelParts) -> tuple[list[float], float, float]:
+    """(per-block, embeddings, head) parameter counts: the ``params`` balance."""
+    embed = _numel([model.get_submodule(n) for n in parts.embed_names])
+    head = _numel([model.get_submodule(n) for n in parts.head_names])
+    return [_numel([b]) for b in _blocks(model)], embed, head
+
+
+def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn().sum().backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_costs(
+    model: nn.Module, parts: ModelParts, example: torch.Tensor, repeats: int = 3
+) -> tuple[list[float], float, float]:
+    """(per-block, embeddings, head) forward+backward seconds: the ``time`` balance.
+
+    Every rank measures and the results are averaged over the world, so all
+    ranks agree on the cut (a rank that cut differently would deadlock).
+    """
+    holder = StageModule(model, parts, range(0), first=True, last=True)
+    with torch.enable_grad():
+        embed = _timed(lambda: parts.embed_forward(holder, example), repeats)
+        hidden = parts.embed_forward(holder, example).detach().requires_grad_()
+        blocks = [_timed(lambda b=b: b(hidden), repeats) for b in _blocks(model)]  # type: ignore[misc]
+        head = _timed(lambda: parts.head_forward(holder, hidden), repeats)
+    model.zero_grad(set_to_none=True)
+    costs = torch.tensor([*blocks, embed, head], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(costs)
+        costs /= dist.get_world_size()
+    values = costs.tolist()
+    return values[:-2], values[-2], values[-1]

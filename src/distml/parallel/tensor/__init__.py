@@ -1,0 +1,41 @@
+"""Tensor (intra-layer) parallelism: Megatron-style sharding of transformer layers.
+
+:func:`apply_tensor_parallel` shards a plain model over the mesh's ``tp``
+axis; :func:`tensor_parallel_loss` gives the matching loss (vocabulary-
+parallel cross-entropy when the logits stay sharded); :mod:`.state` converts
+between sharded and full state dicts for checkpoints.
+"""
+
+from distml.parallel.tensor.comm import copy_to_region, gather_from_region, reduce_from_region
+from distml.parallel.tensor.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallelLayer,
+    VocabParallelEmbedding,
+)
+from distml.parallel.tensor.loss import vocab_parallel_cross_entropy
+from distml.parallel.tensor.plan import (
+    TensorParallelInfo,
+    apply_tensor_parallel,
+    check_tensor_parallel_sizes,
+    tensor_parallel_loss,
+)
+from distml.parallel.tensor.state import full_state_dict, load_full_state_dict, shard_state_dict
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "TensorParallelInfo",
+    "TensorParallelLayer",
+    "VocabParallelEmbedding",
+    "apply_tensor_parallel",
+    "check_tensor_parallel_sizes",
+    "copy_to_region",
+    "full_state_dict",
+    "gather_from_region",
+    "load_full_state_dict",
+    "reduce_from_region",
+    "shard_state_dict",
+    "tensor_parallel_loss",
+    "vocab_parallel_cross_entropy",
+]
