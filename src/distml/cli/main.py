@@ -182,6 +182,30 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+    from pathlib import Path
+
+    from distml.errors import UserError
+
+    scripts = {
+        "comm": "comm_bench.py",
+        "ddp": "ddp_overhead.py",
+        "sim": "cluster_sim.py",
+        "fl": "fl_simulation.py",
+    }
+    root = Path(__file__).resolve().parents[3] / "benchmarks"
+    script = root / scripts[args.which]
+    if not script.is_file():
+        raise UserError(f"benchmark {script} not found; run distml bench from a source checkout")
+    sys.argv = [str(script), *args.rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from distml import api
 
@@ -357,6 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark from benchmarks/ (source checkout)",
+        description="comm: all-reduce algorithms on an emulated slow network "
+        "(root); ddp: distml's step vs hand-written DDP; sim: scheduling policies "
+        "on the Philly trace; fl: federated simulation vs a plain loop. Extra "
+        "arguments go to the benchmark (e.g. --quick).",
+    )
+    p.add_argument("which", choices=("comm", "ddp", "sim", "fl"))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="torch version, backends, devices, cores")
     p.add_argument("--json", action="store_true", help="print as JSON")
