@@ -170,6 +170,46 @@ def quantize(
     return quantize_checkpoint(checkpoint, bits, out, group_size, skip)
 
 
+def memory_report(cfg: Config, budget_mb: float | None = None) -> Any:
+    """Per-layer memory of one training step of ``cfg`` on one worker, with advice."""
+    from distml.memory.profiler import profile_memory
+    from distml.train.metrics import task_loss
+    from distml.train.optim import build_optimizer
+    from distml.train.trainer import build_model_for
+
+    spec = get_model_spec(cfg.model.name)
+    bundle = build_datasets(cfg.data, cfg.seed, spec.task)
+    sampler = GlobalBatchSampler(
+        len(bundle.train),
+        cfg.data.global_batch_size,
+        world_size=cfg.parallel.nproc,
+        accumulation_steps=cfg.schedule.accumulation_steps,
+        seed=cfg.seed,
+    )
+    x, y = bundle.train.get_batch(next(sampler.epoch_batches(0))[0], 0)
+    torch.manual_seed(cfg.seed)
+    model, _ = build_model_for(cfg, bundle)
+
+    def make_optimizer(params: Any) -> torch.optim.Optimizer:
+        holder = torch.nn.Module()
+        holder.params = torch.nn.ParameterList(list(params))
+        return build_optimizer(holder, cfg.optimizer, cfg.optimizer.lr)
+
+    return profile_memory(
+        model,
+        x,
+        y,
+        lambda out, t: task_loss(out, t, spec.task),
+        cfg.optimizer.name,
+        momentum=cfg.optimizer.momentum,
+        weight_decay=cfg.optimizer.weight_decay,
+        precision=cfg.schedule.precision,
+        budget_mb=budget_mb,
+        make_optimizer_fn=make_optimizer if cfg.optimizer.name in ("lars", "lamb") else None,
+        module_types=tuple(cfg.memory.recompute_modules),
+    )
+
+
 def info() -> dict[str, Any]:
     """Versions, backends, devices and cores of this machine."""
     cuda = torch.cuda.is_available()

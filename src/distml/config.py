@@ -59,7 +59,7 @@ class DataSection(_Section):
 
 
 class OptimizerSection(_Section):
-    name: Literal["sgd", "adamw", "lars", "lamb"] = "sgd"
+    name: Literal["sgd", "adamw", "adamw8bit", "lars", "lamb"] = "sgd"
     lr: float = Field(0.05, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
@@ -135,6 +135,18 @@ class LoggingSection(_Section):
     profile_steps: int = Field(3, gt=0)
 
 
+class MemorySection(_Section):
+    """Recomputation (activation checkpointing) of the model's blocks."""
+
+    recompute: Literal["none", "full", "every_k", "selective", "auto"] = "none"
+    #: every_k: checkpoint blocks 0, k, 2k, ...
+    every_k: int = Field(2, gt=0)
+    #: selective: submodule names inside each block to checkpoint (e.g. attn, mlp).
+    recompute_modules: list[str] = Field(default_factory=lambda: ["attn", "mlp"])
+    #: auto: activation-memory budget (MB of tensors saved for backward).
+    budget_mb: float | None = Field(None, gt=0.0)
+
+
 class FederatedSection(_Section):
     """Federated learning: strategy, clients, local training, partitioning, privacy."""
 
@@ -173,6 +185,7 @@ class Config(_Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     federated: FederatedSection = Field(default_factory=FederatedSection)
+    memory: MemorySection = Field(default_factory=MemorySection)
 
     @model_validator(mode="after")
     def _check(self) -> Config:

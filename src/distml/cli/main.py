@@ -182,6 +182,20 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from distml import api
+    from distml.memory.profiler import format_advice, format_report
+
+    cfg = _load(args.items)
+    report = api.memory_report(cfg, args.budget_mb)
+    console = Console()
+    console.print(format_report(report))
+    console.print(format_advice(report))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
@@ -393,6 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("which", choices=("comm", "ddp", "sim", "fl"))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "memory",
+        help="per-layer memory of a training step, with advice",
+        description="Parameter, gradient, optimizer-state and activation bytes per layer for "
+        "one worker's micro-batch; predicted vs measured peak (CPU: allocator events from "
+        "torch.profiler; CUDA: max_memory_allocated); which recompute, precision and "
+        "quantization settings fit --budget-mb.",
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument("--budget-mb", type=float, default=None, help="memory budget per worker (MB)")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("info", help="torch version, backends, devices, cores")
     p.add_argument("--json", action="store_true", help="print as JSON")

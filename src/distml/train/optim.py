@@ -148,6 +148,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerSection, lr: float) -> torch
         return torch.optim.AdamW(
             params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
+    if cfg.name == "adamw8bit":
+        from distml.memory import AdamW8bit
+
+        return AdamW8bit(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     groups: list[dict[str, Any]]
     if cfg.exclude_1d:
         matrices, vectors = _split_1d(model)

@@ -128,9 +128,41 @@ class Trainer:
         self.batch_in_epoch = 0
         self.resumed_from: Path | None = None
         self._maybe_resume()
+        self.recompute_plan = self._apply_recompute()
         self.model = self.strategy.setup(self.raw_model, self.ctx)
         self.times = StepTimes()
         self.history: list[dict[str, Any]] = []
+
+    def _apply_recompute(self) -> Any:
+        """Activation checkpointing of the model's blocks per ``memory.recompute``."""
+        mem = self.cfg.memory
+        if mem.recompute == "none":
+            return None
+        from distml.memory.recompute import apply_recompute
+
+        if not hasattr(self.raw_model, "blocks"):
+            raise ConfigError(
+                f"memory.recompute={mem.recompute} needs a model with blocks (gpt, bert, "
+                f"resnet); {self.cfg.model.name!r} has none"
+            )
+        sample = targets = None
+        if mem.recompute == "auto":
+            first = next(self.sampler.epoch_batches(0))[0]
+            sample, targets = self._load([first], 0)[0]
+        task = self.task
+        plan = apply_recompute(
+            self.raw_model,
+            mem.recompute,
+            every_k=mem.every_k,
+            module_types=tuple(mem.recompute_modules),
+            budget_mb=mem.budget_mb,
+            sample_input=sample,
+            loss_fn=(lambda out: task_loss(out, targets, task)) if targets is not None else None,
+            sync_group=self.strategy.data_group() if self.ctx.distributed else None,
+        )
+        if self.data_rank == 0:
+            print(f"recompute: {plan.summary()}", flush=True)
+        return plan
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
