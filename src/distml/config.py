@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from distml.errors import ConfigError
 
@@ -148,30 +148,119 @@ class MemorySection(_Section):
 
 
 class FederatedSection(_Section):
-    """Federated learning: strategy, clients, local training, partitioning, privacy."""
+    """Federated learning: strategy, simulation, deployment, round protocol, edge settings.
 
+    ``distml fl simulate`` uses the strategy, clients, partition, local training
+    and privacy fields; ``distml fl server`` / ``client`` the deployment ones.
+    """
+
+    #: Aggregation strategy by registry name and its options (see ``distml.federated``).
     strategy: str = "fedavg"
-    #: Keyword options of the strategy class (e.g. {mu: 0.01} for fedprox).
     strategy_options: dict[str, Any] = Field(default_factory=dict)
+    rounds: int = Field(10, ge=1)
+    #: Simulation: number of virtual clients and clients sampled per round.
     clients: int = Field(10, gt=0)
     clients_per_round: int = Field(5, gt=0)
-    rounds: int = Field(20, gt=0)
-    local_epochs: int = Field(1, gt=0)
-    local_batch_size: int = Field(16, gt=0)
-    local_lr: float = Field(0.1, gt=0.0)
+    #: Simulation: how the training split is divided among clients.
     partition: Literal["iid", "dirichlet", "shards"] = "iid"
     #: Dirichlet concentration (smaller: more skewed label mixes per client).
     alpha: float = Field(0.5, gt=0.0)
     classes_per_client: int = Field(2, gt=0)
     #: Simulation engine: vmap trains the sampled clients together; sequential is the reference.
     simulation: Literal["vmap", "sequential"] = "vmap"
-    #: Client-level DP-FedAvg: clip norm and noise multiplier (0 disables).
+    #: Simulation: client-level DP-FedAvg clip norm and noise multiplier (0 disables).
     dp_clip: float = Field(0.0, ge=0.0)
     dp_noise: float = Field(0.0, ge=0.0)
     dp_mode: Literal["central", "local"] = "central"
     dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    #: Secure aggregation threshold (0 disables): clients needed to unmask the sum.
+    #: Simulation: secure aggregation with this Shamir threshold (0 disables).
     secagg_threshold: int = Field(0, ge=0)
+    #: host:port the gRPC server binds; loopback unless deliberately opened.
+    address: str = "127.0.0.1:8080"
+    #: SQLite state, checkpoints and metrics.jsonl; default RUN_DIR/federated.
+    state_dir: str | None = None
+    #: PEM certificate chain and private key: both for TLS, neither for plaintext.
+    tls_cert: str | None = None
+    tls_key: str | None = Field(None, validate_default=True)
+    #: Client name -> bearer token. With any token set, every call must carry one.
+    tokens: dict[str, str] = Field(default_factory=dict, repr=False)
+    #: YAML/JSON file holding the same mapping, to keep secrets out of the config.
+    tokens_file: str | None = None
+    #: Local training sent to clients each round. ``lr`` yields to a strategy's own
+    #: client learning rate (FedOpt's ``eta_l``).
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0.0)
+    #: Per-client compute budget: at most this many local SGD steps per round.
+    max_local_steps: int | None = Field(None, ge=1)
+    #: A round's fit (and evaluate) phase ends at this deadline with whoever answered.
+    round_timeout_s: float = Field(60.0, gt=0.0)
+    #: A fit phase with fewer answers than the strategy's min_fit_clients is retried.
+    max_round_retries: int = Field(3, ge=0)
+    #: Give up when the strategy's minimum of clients is not connected within this time.
+    client_wait_timeout_s: float = Field(600.0, gt=0.0)
+    #: Client-side evaluation every N rounds (0: never); centralised evaluation on the
+    #: server's test split after every round when server_evaluate is on.
+    evaluate_every: int = Field(1, ge=0)
+    server_evaluate: bool = True
+    #: Update compression before upload, with error feedback kept on each client.
+    upload_codec: Literal["none", "fp16", "int8", "topk"] = "none"
+    topk_fraction: float = Field(0.01, gt=0.0, le=1.0)
+    error_feedback: bool = True
+    #: Quantization of the global model sent to clients.
+    download_codec: Literal["none", "fp16", "int8"] = "none"
+    #: Payloads travel in chunks of this size; no gRPC message may exceed max_message_mb.
+    chunk_size_kb: int = Field(1024, ge=1)
+    max_message_mb: float = Field(16.0, gt=0.0, validate_default=True)
+    #: Largest accepted update upload; default twice the float32 model plus 1 MiB.
+    max_upload_mb: float | None = Field(None, gt=0.0)
+    #: Long-poll length of GetTask; a client silent for client_timeout_s is not sampled.
+    poll_timeout_s: float = Field(10.0, gt=0.0)
+    client_timeout_s: float = Field(30.0, gt=0.0, validate_default=True)
+    #: gRPC handler threads: every connected client holds one while it long-polls.
+    max_workers: int = Field(64, ge=2)
+    #: Checkpoints of completed rounds to keep (None: every round).
+    keep_checkpoints: int | None = Field(None, ge=1)
+
+    # Field-level checks: a failing value is echoed alone, never the section with its tokens.
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError("federated.address must be HOST:PORT")
+        return value
+
+    @field_validator("tls_key")
+    @classmethod
+    def _check_tls_pair(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if (info.data.get("tls_cert") is None) != (value is None):
+            raise ValueError("set both federated.tls_cert and federated.tls_key, or neither")
+        return value
+
+    @field_validator("max_message_mb")
+    @classmethod
+    def _check_message_size(cls, value: float, info: ValidationInfo) -> float:
+        chunk = info.data.get("chunk_size_kb")
+        if chunk is not None and chunk * 1024 + 4096 > value * 2**20:
+            raise ValueError("federated.chunk_size_kb must leave room under max_message_mb")
+        return value
+
+    @field_validator("client_timeout_s")
+    @classmethod
+    def _check_timeouts(cls, value: float, info: ValidationInfo) -> float:
+        poll = info.data.get("poll_timeout_s")
+        if poll is not None and poll >= value:
+            raise ValueError("federated.poll_timeout_s must be below client_timeout_s")
+        return value
+
+    @property
+    def chunk_size(self) -> int:
+        return self.chunk_size_kb * 1024
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 2**20)
 
 
 class Config(_Section):
