@@ -189,6 +189,29 @@ def cmd_fl_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from distml.serve import serve_main
+
+    overrides = {
+        "replicas": args.replicas,
+        "max_batch_size": args.max_batch_size,
+        "max_delay_ms": args.max_delay_ms,
+        "adaptive_batching": args.adaptive_batching,
+        "target_p99_ms": args.target_p99_ms,
+        "request_timeout_s": args.request_timeout_s,
+        "device": args.device,
+        "token": os.environ.get("DISTML_SERVE_TOKEN") or None,
+    }
+    if args.min_replicas is not None:
+        overrides["min_replicas"] = args.min_replicas
+    if args.max_replicas is not None:
+        overrides["max_replicas"] = args.max_replicas
+    serve_main(args.model, args.host, args.port, **overrides)
+    return 0
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from distml.cluster import compare_policies, format_table
 
@@ -467,6 +490,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("which", choices=("comm", "ddp", "sim", "fl"))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "serve",
+        help="HTTP inference server with dynamic batching and replicas",
+        description="Serve a checkpoint (.pt) or a quantized model (.safetensors): POST "
+        "/v1/predict (JSON or application/x-distml-tensor), POST /v1/generate (gpt, streamed), "
+        "GET /health, GET /metrics (Prometheus). Binds 127.0.0.1 by default; set "
+        "DISTML_SERVE_TOKEN to require a bearer token.",
+    )
+    p.add_argument("model", help="step_*.pt checkpoint or distml quantize .safetensors")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--replicas", type=int, default=1, help="model replica processes (0: in-process)"
+    )
+    p.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
+    p.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
+    p.add_argument("--max-batch-size", type=int, default=32, help="largest batch (default 32)")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="batching delay (default 5)")
+    p.add_argument("--adaptive-batching", action="store_true", help="AIMD batch cap for p99")
+    p.add_argument("--target-p99-ms", type=float, default=50.0, help="adaptive p99 target")
+    p.add_argument("--request-timeout-s", type=float, default=30.0, help="per-request timeout")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="replica device")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "memory",
