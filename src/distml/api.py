@@ -32,14 +32,22 @@ def world_size_of(spec: LaunchSpec) -> int:
 
 def preflight(cfg: Config, world_size: int) -> None:
     """Check everything that can be checked before workers start (raises UserError)."""
+    from distml.parallel.ddp import check_comm_settings
     from distml.train.trainer import build_model_for
 
+    check_comm_settings(cfg.parallel)
+    data_world = world_size
+    if cfg.parallel.strategy == "ps":
+        from distml.parallel.ps import check_ps_settings
+
+        check_ps_settings(cfg.parallel, world_size)
+        data_world = cfg.parallel.workers  # servers hold parameters, workers read data
     spec = get_model_spec(cfg.model.name)
     bundle = build_datasets(cfg.data, cfg.seed, spec.task)
     GlobalBatchSampler(
         len(bundle.train),
         cfg.data.global_batch_size,
-        world_size=world_size,
+        world_size=data_world,
         accumulation_steps=cfg.schedule.accumulation_steps,
     )
     with torch.device("meta"):
