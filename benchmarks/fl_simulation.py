@@ -72,11 +72,11 @@ def plain_fedavg(cfg_dict: dict, sampled: list[list[int]]) -> tuple[float, float
         states, weights = [], []
         for c in clients:
             local = copy.deepcopy(model)
-            opt = torch.optim.SGD(local.parameters(), lr=fed.local_lr)
+            opt = torch.optim.SGD(local.parameters(), lr=fed.lr)
             idx = torch.as_tensor(parts[c])
             for _ in range(fed.local_epochs):
                 order = idx[torch.randperm(len(idx))]
-                for batch in order.split(fed.local_batch_size):
+                for batch in order.split(fed.batch_size):
                     opt.zero_grad()
                     F.cross_entropy(local(x[batch]), y[batch]).backward()
                     opt.step()
