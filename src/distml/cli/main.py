@@ -212,6 +212,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from distml.cluster.service import cli_api
+
+    if args.cluster_command == "up":
+        info = cli_api.cluster_up(
+            args.slots, args.port, policy=args.policy, state_dir=args.state_dir
+        )
+        print(
+            f"cluster up: {info.get('url')} with {info.get('slots')} slot(s), "
+            f"state in {info.get('state_dir')}"
+        )
+    elif args.cluster_command == "down":
+        result = cli_api.cluster_down(state_dir=args.state_dir, force=args.force)
+        print(f"cluster down: {result}")
+    else:
+        print(json.dumps(cli_api.cluster_status(state_dir=args.state_dir), indent=2, default=str))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from distml.cluster.service import cli_api
+
+    job = cli_api.submit(args.job, args.gpus, args.priority, state_dir=args.state_dir)
+    print(f"submitted job {job.get('id')} ({job.get('name')})")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from distml.cluster.service import cli_api
+
+    print(cli_api.format_jobs(cli_api.list_jobs(state_dir=args.state_dir)))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from distml.cluster.service import cli_api
+
+    print(cli_api.job_logs(args.job, args.tail, state_dir=args.state_dir), end="")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from distml.cluster.service import cli_api
+
+    print(json.dumps(cli_api.cancel_job(args.job, state_dir=args.state_dir), default=str))
+    return 0
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from distml.cluster import compare_policies, format_table
 
@@ -517,6 +565,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     p.set_defaults(func=cmd_serve)
+
+    state_help = "cluster state directory (default $DISTML_CLUSTER_DIR or ~/.distml/cluster)"
+    cl = sub.add_parser(
+        "cluster",
+        help="start/stop the job scheduler service (fifo, las, gandiva)",
+        description="A scheduler on 127.0.0.1 with token auth and SQLite state that runs "
+        "`distml train` jobs on slots, time-slices, packs, migrates and resizes them through "
+        "checkpoint-and-resume.",
+    )
+    cl.add_argument("cluster_command", choices=("up", "down", "status"))
+    cl.add_argument("--slots", type=int, default=None, help="slots (default: GPUs, else cores)")
+    cl.add_argument("--port", type=int, default=8470, help="API port (default 8470)")
+    cl.add_argument("--policy", default="gandiva", help="fifo, las or gandiva (default gandiva)")
+    cl.add_argument("--force", action="store_true", help="down: kill an unresponsive service")
+    cl.add_argument("--state-dir", default=None, help=state_help)
+    cl.set_defaults(func=cmd_cluster)
+    p = sub.add_parser("submit", help="submit a job spec (YAML) to the cluster")
+    p.add_argument("job", help="job spec: name, config, overrides, slots, priority, elastic")
+    p.add_argument("--gpus", type=int, default=None, help="slots for the job")
+    p.add_argument("--priority", type=int, default=None, help="higher runs first")
+    p.add_argument("--state-dir", default=None, help=state_help)
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("jobs", help="list cluster jobs")
+    p.add_argument("--state-dir", default=None, help=state_help)
+    p.set_defaults(func=cmd_jobs)
+    p = sub.add_parser("logs", help="show a job's log")
+    p.add_argument("job", help="job id or name")
+    p.add_argument("--tail", type=int, default=200, help="last N lines (default 200)")
+    p.add_argument("--state-dir", default=None, help=state_help)
+    p.set_defaults(func=cmd_logs)
+    p = sub.add_parser("cancel", help="cancel a job")
+    p.add_argument("job", help="job id or name")
+    p.add_argument("--state-dir", default=None, help=state_help)
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser(
         "memory",

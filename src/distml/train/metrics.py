@@ -54,7 +54,10 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
+            # One line per step, flushed: schedulers and dashboards read this file live,
+            # and a killed job must not lose the lines of steps it already finished.
             self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:
