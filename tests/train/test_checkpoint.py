@@ -51,11 +51,18 @@ def _assert_bitwise(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path) -> None:
-    # Stop mid-way through epoch 2 (1438 training samples -> 11 steps of 128 per epoch).
-    straight, resumed, hist_a, hist_b = _interrupted_vs_straight(str(tmp_path), stop_at=15)
+@pytest.mark.parametrize("stop_at", [15, 11])
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, stop_at) -> None:
+    # 1438 training samples -> 11 steps of 128 per epoch: 15 stops mid-way through
+    # epoch 2, 11 on the last step of epoch 1 (its evaluation must still happen once).
+    straight, resumed, hist_a, hist_b = _interrupted_vs_straight(str(tmp_path), stop_at=stop_at)
     _assert_bitwise(straight, resumed)
     assert hist_a[-1] == hist_b[-1]  # same final evaluation
+    if stop_at == 11:
+        first_eval = hist_a[0]
+        resumed_log = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+        evals = [line for line in resumed_log if '"event": "eval"' in line]
+        assert len(evals) == len(hist_a) == 2 and f'"step": {first_eval["step"]}' in evals[0]
 
 
 def _ddp_resume(rank: int, world: int, root: str) -> tuple[dict, dict]:

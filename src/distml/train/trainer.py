@@ -409,16 +409,13 @@ class Trainer:
                         stopped = True
                         break
                 log_step(stop.drain())  # evaluation and checkpoints issue their own collectives
-                if stopped or (self.step == until_step and self.step < self.total_steps):
-                    self.save_checkpoint()
-                    if main and stopped:
-                        reporter.log(
-                            f"stopped on {stop.signal_name or 'request'} after step {self.step}; "
-                            f"checkpoint {self.checkpoints.path_for(self.step)} "
-                            "(resume with --resume)"
-                        )
-                    break
                 epoch_done = self.batch_in_epoch >= self.steps_per_epoch
+                interrupted = stopped or (self.step == until_step and self.step < self.total_steps)
+                if interrupted and not epoch_done:
+                    self.save_checkpoint()
+                    break
+                # An interruption on an epoch's last step still finishes the epoch
+                # (evaluation, epoch checkpoint), so the resumed run does not skip them.
                 if epoch_done:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 evaluate_now = cfg.schedule.eval_every_epochs and (
@@ -442,12 +439,19 @@ class Trainer:
                         )
                 if epoch_done or self.step >= self.total_steps:
                     self.save_checkpoint()
+                if interrupted:
+                    break
         finally:
             stop.uninstall()
             reporter.close()
             metrics.close()
             if profiler is not None:
                 profiler.__exit__(None, None, None)
+        if main and stopped:
+            reporter.log(
+                f"stopped on {stop.signal_name or 'request'} after step {self.step}; "
+                f"checkpoint {self.checkpoints.path_for(self.step)} (resume with --resume)"
+            )
         wall = time.perf_counter() - start_wall
         summary: dict[str, Any] = {
             "name": cfg.name,
