@@ -98,7 +98,7 @@ def test_table_and_json_output(
     [
         (["--workloads", "cnn,resnet"], "unknown workload resnet"),
         (["--workloads", "gpt", "--text", "/nonexistent/corpus.txt"], "not found"),
-        (["--steps", "0"], "must be >= 1"),
+        (["--steps", "0", "--workloads", "cnn"], "must be >= 1"),
     ],
 )
 def test_cli_rejects_bad_arguments(
