@@ -1,0 +1,199 @@
+"""Pipeline bubble: measured idle fraction per stage vs the (P - 1) / (M + P - 1) theory.
+
+Question (issue 5): at P=2 pipeline stages on CPU (gloo), how close is each
+stage's measured idle fraction (1 - compute time / step wall time, from
+``Pipeline.last_timing``) to the ideal bubble (P - 1) / (M + P - 1) as the
+number of micro-batches M grows, for gpipe (and 1f1b at M >= 2)? The issue's
+target is |measured - theory| <= 0.05 at M >= 4.
+
+    python benchmarks/pipeline_bubble.py [--quick] [--out benchmarks/results/pipeline_bubble.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+
+from _common import RESULTS_DIR, command_line, machine_info, median, print_table, write_json
+from distml.testing import run_ranks
+
+P = 2
+TARGET = 0.05
+MODEL_ARGS: dict[str, Any] = {
+    "vocab_size": 256,
+    "block_size": 64,
+    "n_layer": 4,
+    "n_head": 4,
+    "n_embd": 128,
+    "dropout": 0.0,
+}
+
+
+def theory(m: int, p: int = P) -> float:
+    return (p - 1) / (m + p - 1)
+
+
+def _measure(
+    rank: int, world: int, cases: list[tuple[str, int]], batch: int, warmup: int, steps: int
+) -> dict[str, Any]:
+    """On each rank: per case, this stage's idle fraction and busy/total seconds per timed step."""
+    from distml.models import build_model
+    from distml.parallel.mesh import build_mesh
+    from distml.parallel.pipeline import build_pipeline
+
+    torch.set_num_threads(1)  # one core per stage, so the stages really run side by side
+    mesh = build_mesh(dp=1, pp=P, tp=1)
+    gen = torch.Generator().manual_seed(0)
+    seq, vocab = MODEL_ARGS["block_size"], MODEL_ARGS["vocab_size"]
+    x = torch.randint(vocab, (batch, seq), generator=gen)
+    y = torch.randint(vocab, (batch, seq), generator=gen)
+    out: dict[str, Any] = {}
+    for schedule, m in cases:
+        torch.manual_seed(0)
+        model = build_model("gpt", MODEL_ARGS).float()
+        pipe = build_pipeline(model, mesh, schedule=schedule, microbatches=m)
+        idle, busy, total = [], [], []
+        for i in range(warmup + steps):
+            pipe.step(x, y)
+            model.zero_grad(set_to_none=True)
+            if i >= warmup:
+                t = pipe.last_timing
+                idle.append(t.idle_fraction)
+                busy.append(t.busy_s)
+                total.append(t.total_s)
+        out[f"{schedule}/{m}"] = {"idle": idle, "busy_s": busy, "total_s": total}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="gpipe only, M in 1, 4, 16, 3 steps")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "pipeline_bubble.json"))
+    args = parser.parse_args(argv)
+    ms = [1, 2, 4, 8, 16]
+    cases = [("gpipe", m) for m in ms] + [("1f1b", m) for m in ms if m >= 2]
+    if args.quick:
+        cases = [("gpipe", m) for m in (1, 4, 16)]
+        args.warmup, args.steps = 1, 3
+    bad = [m for _, m in cases if args.batch % m]
+    if bad:
+        parser.error(f"--batch {args.batch} must be a multiple of every M, not of {bad}")
+
+    start = time.perf_counter()
+    per_rank = run_ranks(
+        _measure, P, args=(cases, args.batch, args.warmup, args.steps), timeout=600
+    )
+    elapsed = time.perf_counter() - start
+
+    rows, records = [], []
+    for schedule, m in cases:
+        key = f"{schedule}/{m}"
+        measured = [median(r[key]["idle"]) for r in per_rank]
+        step_s = max(median(r[key]["total_s"]) for r in per_rank)
+        ideal = theory(m)
+        err = [abs(v - ideal) for v in measured]
+        ok = all(e <= TARGET for e in err) if m >= 4 else None
+        records.append(
+            {
+                "schedule": schedule,
+                "microbatches": m,
+                "theory": ideal,
+                "measured_per_stage": measured,
+                "abs_error_per_stage": err,
+                "within_target": ok,
+                "median_step_s": step_s,
+                "raw_per_stage": [r[key] for r in per_rank],
+            }
+        )
+        rows.append(
+            [
+                schedule,
+                str(m),
+                f"{ideal:.3f}",
+                *(f"{v:.3f}" for v in measured),
+                f"{max(err):.3f}",
+                "-" if ok is None else ("yes" if ok else "NO"),
+                f"{step_s * 1e3:.0f}",
+            ]
+        )
+    print_table(
+        f"Pipeline bubble at P={P} (gpt 4x128, seq {MODEL_ARGS['block_size']}, "
+        f"batch {args.batch}, float32, 1 thread/rank)",
+        ["schedule", "M", "theory", "stage 0", "stage 1", "max |err|", "<= 0.05", "step ms"],
+        rows,
+    )
+    checked = [r["within_target"] for r in records if r["within_target"] is not None]
+    verdict = all(checked) if checked else None
+    print(f"target |measured - theory| <= {TARGET} at M >= 4: {verdict}  ({elapsed:.0f} s)")
+
+    plot = Path(args.out).with_suffix(".png")
+    _plot(records, plot)
+    report = {
+        "benchmark": "pipeline_bubble",
+        "command": command_line(),
+        "machine": machine_info(),
+        "settings": {
+            "pp": P,
+            "model": MODEL_ARGS,
+            "batch": args.batch,
+            "dtype": "float32",
+            "threads_per_rank": 1,
+            "warmup_steps": args.warmup,
+            "timed_steps": args.steps,
+            "target_abs_error": TARGET,
+        },
+        "results": records,
+        "all_within_target_at_m_ge_4": verdict,
+        "wall_s": elapsed,
+        "plot": plot.name,
+    }
+    print(f"wrote {write_json(report, args.out)} and {plot}")
+    return 0
+
+
+def _plot(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ms = sorted({r["microbatches"] for r in records})
+    fine = [m / 4 for m in range(4, 4 * max(ms) + 1)]
+    ax.plot(fine, [(P - 1) / (m + P - 1) for m in fine], "k-", label="theory (P-1)/(M+P-1)")
+    markers = {"gpipe": "o", "1f1b": "s"}
+    for schedule in dict.fromkeys(r["schedule"] for r in records):
+        rs = [r for r in records if r["schedule"] == schedule]
+        for stage in range(P):
+            ax.plot(
+                [r["microbatches"] for r in rs],
+                [r["measured_per_stage"][stage] for r in rs],
+                marker=markers.get(schedule, "^"),
+                linestyle="--" if stage else ":",
+                label=f"{schedule} stage {stage}",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.set_xlabel("micro-batches M")
+    ax.set_ylabel("idle fraction")
+    ax.set_title(f"Pipeline bubble, P={P}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
