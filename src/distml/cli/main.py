@@ -344,6 +344,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hidden_debug(p: argparse.ArgumentParser) -> None:
+    # Accept --debug after the subcommand too; SUPPRESS keeps the top-level value.
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+
+
 def _add_launch_args(p: argparse.ArgumentParser, nproc_help: str) -> None:
     p.add_argument("--nproc", type=int, default=None, help=nproc_help)
     p.add_argument(
@@ -393,9 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="no progress bar (epoch lines and the summary table stay)",
     )
     p.add_argument("--summary-json", default=None, help="also write the run summary as JSON here")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    _hidden_debug(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -413,9 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, help="output file: .npy (logits), .csv or .jsonl")
     _add_launch_args(p, "workers (default 1)")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    _hidden_debug(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="metrics of a checkpoint on a dataset split")
@@ -426,9 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="train or test (default test)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     _add_launch_args(p, "workers (default 1)")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    _hidden_debug(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -443,9 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (.safetensors)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--skip", action="append", default=[], help="module name/glob to keep float")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    _hidden_debug(p)
     p.set_defaults(func=cmd_quantize)
 
     fl = sub.add_parser("fl", help="federated learning: partition, simulate, server, client")
@@ -457,9 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         "clients (iid, dirichlet, shards; seeded) and print label histograms.",
     )
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    _hidden_debug(p)
     p.set_defaults(func=cmd_fl_partition)
     p = fl_sub.add_parser(
         "simulate",
@@ -470,9 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     p.add_argument("--clients", type=int, default=None, help="number of clients (default: config)")
     p.add_argument("--out", default=None, help="write per-round metrics as JSON here")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    _hidden_debug(p)
     p.set_defaults(func=cmd_fl_simulate)
     p = fl_sub.add_parser(
         "server",
@@ -484,9 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     p.add_argument("--address", default=None, help="HOST:PORT (default federated.address)")
     p.add_argument("--state-dir", default=None, help="state directory (default RUN_DIR/federated)")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    _hidden_debug(p)
     p.set_defaults(func=cmd_fl_server)
     p = fl_sub.add_parser(
         "client",
@@ -500,9 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="client name (default: host-pid)")
     p.add_argument("--root-cert", default=None, help="PEM root certificate for TLS")
     p.add_argument("--max-steps", type=int, default=None, help="local step budget per round")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    _hidden_debug(p)
     p.set_defaults(func=cmd_fl_client)
 
     p = sub.add_parser(
@@ -522,9 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default=None, help="only jobs of this virtual cluster")
     p.add_argument("--plot", default=None, help="write a JCT CDF plot (PNG) here")
     p.add_argument("--json", default=None, help="write the summaries as JSON here")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    _hidden_debug(p)
     p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser(
@@ -561,9 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-p99-ms", type=float, default=50.0, help="adaptive p99 target")
     p.add_argument("--request-timeout-s", type=float, default=30.0, help="per-request timeout")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="replica device")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    _hidden_debug(p)
     p.set_defaults(func=cmd_serve)
 
     state_help = "cluster state directory (default $DISTML_CLUSTER_DIR or ~/.distml/cluster)"
@@ -610,9 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     p.add_argument("--budget-mb", type=float, default=None, help="memory budget per worker (MB)")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    _hidden_debug(p)
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("info", help="torch version, backends, devices, cores")
