@@ -6,6 +6,8 @@ VENV ?= .venv
 TORCH_PIN ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.distml-installed
+# The test suite also needs the optional extras whose tests would otherwise skip.
+TEST_STAMP := $(VENV)/.distml-test-installed
 
 .PHONY: demo test setup lint clean
 
@@ -15,12 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,fl,serve,plot]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,fl,serve,plot,hf,ray]" "$(TORCH_PIN)"
+	touch $(TEST_STAMP)
+
 setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/distml train
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
