@@ -54,6 +54,15 @@ class DataSection(_Section):
     tokenizer: Literal["char", "byte"] = "char"
     objective: Literal["auto", "causal", "masked"] = "auto"
     mask_prob: float = Field(0.15, gt=0.0, lt=1.0)
+    #: squad (extractive QA; seq_len is the window length): a dev file for the test split
+    #: (unset: test_fraction of the questions in path), a local Hugging Face tokenizer folder
+    #: (unset: built-in word tokenizer), tokens between window starts, the longest answer in
+    #: tokens, and how much the null score may exceed the best span before "no answer".
+    eval_path: str | None = None
+    tokenizer_path: str | None = None
+    doc_stride: int = Field(64, gt=0)
+    max_answer_tokens: int = Field(30, gt=0)
+    null_threshold: float = 0.0
     #: Load the next batch in a background thread while the current step runs.
     prefetch: bool = False
 
@@ -84,7 +93,10 @@ class ScheduleSection(_Section):
     reference_batch_size: int | None = Field(None, gt=0)
     decay: Literal["constant", "cosine", "linear"] = "constant"
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    #: Autocast dtype; the weights stay fp32. fp16 adds dynamic loss scaling (not with ps).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: fp16: initial dynamic loss scale (halved on overflow, doubled after 2000 clean steps).
+    loss_scale_init: float = Field(65536.0, gt=0.0)
     grad_clip: float | None = Field(None, gt=0.0)
     eval_every_epochs: int = Field(1, ge=0)
 
@@ -115,6 +127,21 @@ class ParallelSection(_Section):
     staleness: int = 1
     #: ps: codec of pushes and pulls: none | fp16 | bf16 | int8 | topk.
     ps_codec: str = "none"
+    #: Model parallelism (docs/model_parallel.md): world = dp x pp x tp. pp > 1 or tp > 1
+    #: trains with the mesh strategy; dp defaults to world / (pp x tp).
+    dp: int | None = Field(None, gt=0)
+    pp: int = Field(1, gt=0)
+    tp: int = Field(1, gt=0)
+    #: Pipeline schedule: gpipe | 1f1b | interleaved-1f1b (checked with one-line errors).
+    pp_schedule: str = "1f1b"
+    #: Micro-batches per step and replica (default: pp).
+    pp_microbatches: int | None = Field(None, gt=0)
+    #: Stages per pipeline rank (interleaved-1f1b needs >= 2).
+    pp_virtual_stages: int = Field(1, gt=0)
+    #: Stage balance: params (parameter count) | time (measured block time).
+    pp_balance: str = "params"
+    #: First block of every stage but the first, e.g. [2] or ["blocks.2"]; overrides pp_balance.
+    pp_split_points: list[int | str] | None = None
 
 
 class CheckpointSection(_Section):
@@ -136,7 +163,7 @@ class LoggingSection(_Section):
 
 
 class MemorySection(_Section):
-    """Recomputation (activation checkpointing) of the model's blocks."""
+    """Recomputation (activation checkpointing) of the model's blocks; optimizer offload."""
 
     recompute: Literal["none", "full", "every_k", "selective", "auto"] = "none"
     #: every_k: checkpoint blocks 0, k, 2k, ...
@@ -145,6 +172,8 @@ class MemorySection(_Section):
     recompute_modules: list[str] = Field(default_factory=lambda: ["attn", "mlp"])
     #: auto: activation-memory budget (MB of tensors saved for backward).
     budget_mb: float | None = Field(None, gt=0.0)
+    #: Keep fp32 master weights and optimizer state in CPU memory and step there.
+    offload_optimizer: bool = False
 
 
 class FederatedSection(_Section):
@@ -168,13 +197,17 @@ class FederatedSection(_Section):
     classes_per_client: int = Field(2, gt=0)
     #: Simulation engine: vmap trains the sampled clients together; sequential is the reference.
     simulation: Literal["vmap", "sequential"] = "vmap"
-    #: Simulation: client-level DP-FedAvg clip norm and noise multiplier (0 disables).
+    #: Simulation and server: client-level DP-FedAvg clip norm and noise multiplier (0
+    #: disables); the server reports (epsilon, delta) in every round's metrics.
     dp_clip: float = Field(0.0, ge=0.0)
     dp_noise: float = Field(0.0, ge=0.0)
     dp_mode: Literal["central", "local"] = "central"
     dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    #: Simulation: secure aggregation with this Shamir threshold (0 disables).
+    #: Simulation and server: secure aggregation with this Shamir threshold (0 disables).
     secagg_threshold: int = Field(0, ge=0)
+    #: Server: deadline of each secure-aggregation step after the key advertisement
+    #: (which shares the round deadline with local training).
+    secagg_timeout_s: float = Field(10.0, gt=0.0)
     #: host:port the gRPC server binds; loopback unless deliberately opened.
     address: str = "127.0.0.1:8080"
     #: SQLite state, checkpoints and metrics.jsonl; default RUN_DIR/federated.

@@ -8,13 +8,15 @@ the updated values back into the compute parameters (in their own dtype, so
 bf16/fp16 compute weights keep fp32 masters). On a GPU the host buffers are
 pinned and copies are asynchronous, with one synchronisation before the
 host-side step. With compute device == offload device the same code path runs,
-which is how it is tested on CPU-only machines. LR schedulers attach to
-``.optimizer`` (the inner one), whose ``param_groups`` this wrapper shares.
+which is how it is tested on CPU-only machines. The wrapper is itself a
+``torch.optim.Optimizer`` whose ``param_groups`` and ``state`` are the inner
+optimizer's, so LR schedulers, strategies and the Trainer take it like any
+other optimizer (``memory.offload_optimizer: true``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -25,7 +27,7 @@ from distml.errors import CheckpointError
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
-class OffloadedOptimizer:
+class OffloadedOptimizer(torch.optim.Optimizer):
     """Steps ``optimizer_factory(master_param_groups)`` on ``offload_device``."""
 
     def __init__(
@@ -44,6 +46,10 @@ class OffloadedOptimizer:
             {**group, "params": [self._master_of(p) for p in group["params"]]} for group in groups
         ]
         self.optimizer = optimizer_factory(master_groups)
+        super().__init__([m for _, m in self._pairs], {})
+        # Share, not copy: LR schedulers and the inner step must see the same groups.
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
         self._grad_buffers: dict[int, Tensor] = {}
 
     def _master_of(self, p: Tensor) -> Tensor:
@@ -55,14 +61,6 @@ class OffloadedOptimizer:
         master.requires_grad_(p.requires_grad)
         self._pairs.append((p, master))
         return master
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> Mapping[Any, Mapping[str, Any]]:
-        return self.optimizer.state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p, _ in self._pairs:
@@ -81,7 +79,7 @@ class OffloadedOptimizer:
         return buf
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from distml.errors import ConfigError
 from distml.memory.optim8bit import AdamW8bit
+from distml.memory.precision import autocast
 from distml.memory.quantized_modules import quantize_model
 from distml.memory.recompute import (
     ActivationProfile,
@@ -70,7 +71,7 @@ from distml.memory.recompute import (
 )
 
 OPTIMIZER_KINDS = ("adamw", "adam", "sgd", "lars", "lamb", "adamw8bit")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 TargetLossFn = Callable[[Any, Any], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 _TRANSIENT_LARGEST = {"adamw": 2, "adam": 2, "lars": 1, "lamb": 4, "adamw8bit": 6}
@@ -222,10 +223,8 @@ def make_optimizer(
 # ---------------------------------------------------------------------- measuring
 @contextlib.contextmanager
 def _autocast(precision: str, device: torch.device) -> Iterator[None]:
-    if precision == "bf16":
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            yield
-    else:
+    # fp16 holds the same bytes as bf16; its loss scaling adds no activation memory.
+    with autocast(precision, device.type):
         yield
 
 
@@ -632,7 +631,7 @@ class _Planner:
                 sel = {"memory.recompute": "selective"}
                 candidates.append(("recompute selective", sel, prec, "selective", opt))
             candidates.append(("recompute full", {"memory.recompute": "full"}, prec, "full", opt))
-        if prec != "bf16":
+        if prec == "fp32":
             candidates.append(
                 ("bf16 autocast", {"schedule.precision": "bf16"}, "bf16", "none", opt)
             )

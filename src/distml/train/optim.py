@@ -133,12 +133,23 @@ def _split_1d(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]
     return matrices, vectors
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerSection, lr: float) -> torch.optim.Optimizer:
-    """The configured optimizer over ``model``'s trainable parameters at peak ``lr``."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def _param_groups(model: nn.Module, cfg: OptimizerSection) -> list[dict[str, Any]]:
+    if cfg.name in ("lars", "lamb") and cfg.exclude_1d:
+        matrices, vectors = _split_1d(model)
+        groups: list[dict[str, Any]] = [
+            {"params": matrices},
+            {"params": vectors, "weight_decay": 0.0, "adapt": False},
+        ]
+        return [g for g in groups if g["params"]]
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
+def _make_optimizer(
+    groups: list[dict[str, Any]], cfg: OptimizerSection, lr: float
+) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(
-            params,
+            groups,
             lr=lr,
             momentum=cfg.momentum,
             nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -146,19 +157,12 @@ def build_optimizer(model: nn.Module, cfg: OptimizerSection, lr: float) -> torch
         )
     if cfg.name == "adamw":
         return torch.optim.AdamW(
-            params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
     if cfg.name == "adamw8bit":
         from distml.memory import AdamW8bit
 
-        return AdamW8bit(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    groups: list[dict[str, Any]]
-    if cfg.exclude_1d:
-        matrices, vectors = _split_1d(model)
-        groups = [{"params": matrices}, {"params": vectors, "weight_decay": 0.0, "adapt": False}]
-        groups = [g for g in groups if g["params"]]
-    else:
-        groups = [{"params": params}]
+        return AdamW8bit(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "lars":
         return LARS(
             groups,
@@ -168,3 +172,19 @@ def build_optimizer(model: nn.Module, cfg: OptimizerSection, lr: float) -> torch
             trust_coefficient=cfg.trust_coefficient,
         )
     return LAMB(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerSection, lr: float, offload: bool = False
+) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model``'s trainable parameters at peak ``lr``.
+
+    With ``offload`` it steps fp32 master copies in CPU memory (pinned when the
+    model is on CUDA) and copies the results back: ``memory.offload_optimizer``.
+    """
+    groups = _param_groups(model, cfg)
+    if offload:
+        from distml.memory.offload import OffloadedOptimizer
+
+        return OffloadedOptimizer(lambda masters: _make_optimizer(masters, cfg, lr), groups)
+    return _make_optimizer(groups, cfg, lr)

@@ -3,10 +3,10 @@
 :class:`Trainer` builds data, model, optimizer and LR schedule from a
 :class:`~distml.config.Config`, lets a parallel strategy wrap the model, and
 runs epochs of global-batch steps with gradient accumulation (no gradient
-sync on non-final micro-steps), optional bf16 autocast, per-epoch sharded
-evaluation, atomic checkpoints and a per-step metrics file that splits step
-time into data loading, compute and communication. Every parallelism plugs
-in as a strategy; there is no second loop.
+sync on non-final micro-steps), optional bf16/fp16 autocast (fp16 with dynamic
+loss scaling), per-epoch sharded evaluation, atomic checkpoints and a per-step
+metrics file that splits step time into data loading, compute and communication.
+Every parallelism plugs in as a strategy; there is no second loop.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from distml.config import Config
 from distml.data import DataBundle, GlobalBatchSampler, build_datasets, shard_range
 from distml.data.text import CharTokenizer
 from distml.errors import CheckpointError, ConfigError
+from distml.memory.precision import LossScaler, autocast, check_strategy_support
 from distml.models import get_model_spec, make_model_config
 from distml.parallel import Strategy, build_strategy
+from distml.parallel.mesh_checkpoint import resolve_resume
 from distml.runtime.dist import DistContext, init_distributed
 from distml.runtime.seed import capture_rng_state, restore_rng_state, seed_everything
 from distml.runtime.timers import PhaseTimer
@@ -51,8 +53,12 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def check_model_data_compat(model_task: str, data_task: str, model: str, data: str) -> None:
     ok = (model_task == "classification") == (data_task == "classification")
+    if "extractive_qa" in (model_task, data_task):
+        ok = model_task == data_task
     if not ok:
         need = "a classification dataset" if model_task == "classification" else "data.name=text"
+        if "extractive_qa" in (model_task, data_task):
+            need = "data.name=squad" if model_task == "extractive_qa" else "model.name=bert-qa"
         raise ConfigError(
             f"model {model!r} ({model_task}) cannot train on dataset {data!r} ({data_task}); "
             f"use {need}"
@@ -108,6 +114,8 @@ class Trainer:
         self.raw_model = model.to(self.ctx.device)
         # Different streams per rank afterwards (dropout must differ across shards).
         seed_everything(cfg.seed + 1 + self.ctx.rank)
+        # Model-parallel plans reshape the model: the optimizer sees this rank's part only.
+        self.train_module = self.strategy.prepare(self.raw_model, self.ctx, cfg.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         planned = cfg.schedule.epochs * self.steps_per_epoch
         self.total_steps = min(planned, cfg.schedule.max_steps or planned)
@@ -117,8 +125,23 @@ class Trainer:
             cfg.schedule.lr_scaling,
             cfg.schedule.reference_batch_size,
         )
-        self.optimizer = build_optimizer(self.raw_model, cfg.optimizer, self.peak_lr)
+        check_strategy_support(
+            cfg.schedule.precision,
+            cfg.memory.offload_optimizer,
+            cfg.parallel.strategy,
+            model_parallel=cfg.parallel.pp > 1 or cfg.parallel.tp > 1,
+        )
+        self.optimizer = build_optimizer(
+            self.train_module, cfg.optimizer, self.peak_lr, offload=cfg.memory.offload_optimizer
+        )
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
+        # fp16 dynamic loss scaling; a pass-through for fp32 and bf16.
+        self.scaler = LossScaler(
+            cfg.schedule.precision,
+            self.ctx.device.type,
+            self.raw_model.parameters(),
+            init_scale=cfg.schedule.loss_scale_init,
+        )
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.dir or "checkpoints", cfg.checkpoint.keep_last
         )
@@ -172,6 +195,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.data_world,
@@ -197,8 +221,13 @@ class Trainer:
         return [g.cpu() for g in gathered]
 
     def _maybe_resume(self) -> None:
-        path = self.checkpoints.resolve_resume(self.cfg.checkpoint.resume)
+        from distml.parallel.mesh_checkpoint import is_sharded_checkpoint
+
+        path = resolve_resume(self.checkpoints.directory, self.cfg.checkpoint.resume)
         if path is None:
+            return
+        if is_sharded_checkpoint(path):
+            self._resume_sharded(path)
             return
         state = load_checkpoint(path, map_location=self.ctx.device)
         if state["model_name"] != self.cfg.model.name:
@@ -210,6 +239,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.strategy.load_state_dict(state.get("strategy", {}))
+        self.scaler.load_state_dict(state.get("grad_scaler", {}))
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
@@ -224,7 +254,40 @@ class Trainer:
             seed_everything(self.cfg.seed + 1 + self.ctx.rank + 7919 * self.step)
         self.resumed_from = path
 
+    def _resume_sharded(self, path: Path) -> None:
+        """Resume from a sharded (model-parallel) checkpoint, written under any plan."""
+        from distml.parallel.mesh_checkpoint import load_sharded_checkpoint
+
+        state = load_sharded_checkpoint(
+            path, self.raw_model, self.optimizer, model_name=self.cfg.model.name
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        if state["global_batch_size"] != self.cfg.data.global_batch_size:
+            self.batch_in_epoch = 0
+        # Seeded by data rank so that the tp ranks of a replica keep equal dropout streams.
+        seed_everything(self.cfg.seed + 1 + self.data_rank + 7919 * self.step)
+        self.resumed_from = path
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The plain values of a checkpoint (for strategies that save tensors themselves)."""
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_batch_size": self.cfg.data.global_batch_size,
+            "model_name": self.cfg.model.name,
+            "model_args": self.model_args,
+            "task": self.task,
+            "input_shape": list(self.bundle.info.input_shape),
+            "tokenizer": tokenizer_state(self.bundle),
+            "config": self.cfg.to_dict(),
+        }
+
     def save_checkpoint(self) -> Path | None:
+        if self.strategy.owns_checkpoints:
+            return self.strategy.save_checkpoint(self)
         state = self.state_dict()  # collective: every rank must call
         if self.data_rank == 0:
             return self.checkpoints.save(state, self.step)
@@ -265,15 +328,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _autocast(self) -> AbstractContextManager[Any]:
-        if self.cfg.schedule.precision == "bf16":
-            return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.cfg.schedule.precision, self.ctx.device.type)
 
     def train_step(self, micro_batches: list[Batch]) -> tuple[float, float]:
         """One optimizer step over this rank's micro-batches; returns (loss, exposed comm s)."""
         if not self.raw_model.training:
             # Setting the mode walks every submodule: only do it after evaluation.
             self.model.train()
+        delegated = self.strategy.forward_backward(self.model, micro_batches, self.task)
+        if delegated is not None:
+            # Model parallelism: the strategy ran forward, backward and the dp all-reduce.
+            if self.cfg.schedule.grad_clip is not None:
+                self.strategy.clip_grad_norm_(self.raw_model, self.cfg.schedule.grad_clip)
+            self.strategy.optimizer_step(self.optimizer)
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return delegated
         accum = len(micro_batches)
         loss_total = 0.0
         comm = 0.0
@@ -282,7 +352,7 @@ class Trainer:
                 with self._autocast():
                     logits = self.model(x)
                 loss = task_loss(logits, y, self.task) / accum
-                loss.backward()
+                self.scaler.scale(loss).backward()
             loss_total += float(loss.detach())
         x, y = micro_batches[-1]
         with self._autocast():
@@ -291,12 +361,14 @@ class Trainer:
         if accum > 1:
             loss = loss / accum
         self.strategy.begin_backward()
-        loss.backward()
+        self.scaler.scale(loss).backward()
         comm = self.strategy.exposed_comm_seconds(time.perf_counter())
         loss_total += float(loss.detach())
         if self.cfg.schedule.grad_clip is not None:
+            self.scaler.unscale_()  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.schedule.grad_clip)
-        self.strategy.optimizer_step(self.optimizer)
+        # fp16: skipped (parameters untouched) when a gradient overflowed.
+        self.scaler.step(lambda: self.strategy.optimizer_step(self.optimizer))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_total, comm
@@ -307,7 +379,7 @@ class Trainer:
         dataset = self.bundle.test if split == "test" else self.bundle.train
         eval_ctx = dataclasses.replace(self.ctx, rank=self.data_rank, world_size=self.data_world)
         return evaluate_model(
-            self.raw_model,
+            self.strategy.eval_module(self.raw_model),
             dataset,
             self.task,
             eval_ctx,
@@ -328,7 +400,7 @@ class Trainer:
         if self.strategy.is_server(self.ctx):
             return self.strategy.serve(self)
         cfg = self.cfg
-        main = self.data_rank == 0
+        main = self.strategy.reports(self.ctx, self.data_rank)
         metrics = MetricsWriter(
             self.run_dir / cfg.logging.metrics_file if main else None,
             append=self.resumed_from is not None,
@@ -391,6 +463,7 @@ class Trainer:
                             "t_comm": t_comm,
                             "t_comm_busy": busy,
                             "t_step": t_step,
+                            **self.scaler.metrics(),
                         }
                     # Every data rank takes part: the global loss and the stop decision.
                     stop_now, finished = stop.submit(loss, record)
@@ -468,9 +541,10 @@ class Trainer:
             "peak_lr": self.peak_lr,
             "test_loss": last_eval.get("loss"),
             "test_accuracy": last_eval.get("accuracy"),
-            "checkpoint": str(self.checkpoints.latest() or ""),
+            "checkpoint": str(resolve_resume(self.checkpoints.directory, "latest") or ""),
             "stopped_by_signal": stopped,
             **self.strategy.summary(),
+            **self.scaler.metrics(),
         }
         if main:
             summary.update(bottleneck_report(self.times, global_batch))
