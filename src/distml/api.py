@@ -23,7 +23,7 @@ from distml.data import GlobalBatchSampler, build_datasets
 from distml.errors import UserError
 from distml.launch import LaunchSpec, launch
 from distml.models import get_model_spec
-from distml.runtime.dist import destroy_distributed, init_distributed
+from distml.runtime.dist import DistContext, destroy_distributed, init_distributed
 
 
 def world_size_of(spec: LaunchSpec) -> int:
@@ -42,6 +42,10 @@ def preflight(cfg: Config, world_size: int) -> None:
 
         check_ps_settings(cfg.parallel, world_size)
         data_world = cfg.parallel.workers  # servers hold parameters, workers read data
+    from distml.parallel.mesh_strategy import check_mesh_plan, mesh_dims, uses_mesh
+
+    if uses_mesh(cfg.parallel):
+        data_world = mesh_dims(cfg.parallel, world_size)[0]  # pp and tp ranks share batches
     spec = get_model_spec(cfg.model.name)
     bundle = build_datasets(cfg.data, cfg.seed, spec.task)
     GlobalBatchSampler(
@@ -51,10 +55,20 @@ def preflight(cfg: Config, world_size: int) -> None:
         accumulation_steps=cfg.schedule.accumulation_steps,
     )
     with torch.device("meta"):
-        build_model_for(cfg, bundle)
+        model, _ = build_model_for(cfg, bundle)
+    if uses_mesh(cfg.parallel):
+        check_mesh_plan(
+            cfg.parallel,
+            world_size,
+            model,
+            global_batch=cfg.data.global_batch_size,
+            precision=cfg.schedule.precision,
+            recompute=cfg.memory.recompute,
+        )
     resume = cfg.checkpoint.resume
     named_file = isinstance(resume, str) and resume not in ("auto", "latest", "true")
-    if named_file and not Path(str(resume)).is_file():
+    # A sharded (model-parallel) checkpoint is a step_*.dcp directory.
+    if named_file and not Path(str(resume)).exists():
         raise UserError(f"checkpoint.resume={resume!r}: no such file; pass an existing checkpoint")
 
 
@@ -100,11 +114,27 @@ def _predict_worker(
     ctx = init_distributed(cfg.parallel.backend, cfg.parallel.device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.local_world_size)))
     try:
-        state, model = load_for_inference(checkpoint, ctx.device)
+        from distml.parallel.mesh_strategy import inference_model, uses_mesh
+
+        if Path(checkpoint).is_dir():
+            from distml.parallel.mesh_checkpoint import load_full_model
+
+            state, model = load_full_model(checkpoint)
+            model = model.to(ctx.device)
+        else:
+            state, model = load_for_inference(checkpoint, ctx.device)
         task = state["task"]
         inputs = read_inputs(input_spec, state, lambda: build_datasets(cfg.data, cfg.seed, task))
-        local = run_shard(model, inputs, ctx, cfg.data.eval_batch_size)
-        full = gather_in_order(local, len(inputs), ctx)
+        if uses_mesh(cfg.parallel):
+            # Model-parallel: every rank runs every input through its part of the model.
+            model = inference_model(model, cfg.parallel, ctx)
+            local = run_shard(
+                model, inputs, DistContext(device=ctx.device), cfg.data.eval_batch_size
+            )
+            full = local if ctx.rank == 0 else None
+        else:
+            local = run_shard(model, inputs, ctx, cfg.data.eval_batch_size)
+            full = gather_in_order(local, len(inputs), ctx)
         if full is not None:
             write_outputs(full, Path(output))
         return {"rank": ctx.rank, "count": len(inputs), "output": output}
@@ -120,6 +150,11 @@ def predict(
 
     check_output_path(output)
     check_model_file(checkpoint)  # fail fast, in this process, on a bad checkpoint
+    spec = spec or LaunchSpec(nproc=1)
+    from distml.parallel.mesh_strategy import check_inference_plan, uses_mesh
+
+    if uses_mesh(cfg.parallel):
+        check_inference_plan(cfg.parallel, world_size_of(spec), checkpoint)
     if not input_spec.startswith("split:") and not Path(input_spec).is_file():
         raise UserError(
             f"input file not found: {input_spec}; pass a .npy or .csv file or split:test"
@@ -127,7 +162,7 @@ def predict(
     launch(
         _predict_worker,
         (cfg.to_dict(), checkpoint, input_spec, output),
-        spec or LaunchSpec(nproc=1),
+        spec,
     )
     return Path(output)
 
@@ -142,7 +177,21 @@ def _eval_worker(cfg_dict: dict[str, Any], checkpoint: str, split: str) -> dict[
         state, model = load_for_inference(checkpoint, ctx.device)
         bundle = build_datasets(cfg.data, cfg.seed, state["task"])
         dataset = bundle.test if split == "test" else bundle.train
-        return evaluate_model(model, dataset, state["task"], ctx, cfg.data.eval_batch_size)
+        metrics = evaluate_model(model, dataset, state["task"], ctx, cfg.data.eval_batch_size)
+        if state["task"] == "extractive_qa":
+            from distml.inference.qa import evaluate_squad
+
+            # Answer selection needs every window of a question: each rank scores the whole split.
+            scores, _ = evaluate_squad(
+                model,
+                dataset,
+                cfg.data.eval_batch_size,
+                ctx.device,
+                cfg.data.max_answer_tokens,
+                cfg.data.null_threshold,
+            )
+            metrics.update(scores)
+        return metrics
     finally:
         destroy_distributed()
 
@@ -158,12 +207,95 @@ def evaluate(
     return results[min(results)]
 
 
+def _generate_worker(
+    cfg_dict: dict[str, Any], checkpoint: str, prompt: str, sampling: dict[str, Any]
+) -> str:
+    from distml.inference.generate import generate_text, model_logits_fn
+    from distml.parallel.mesh_strategy import inference_model, uses_mesh
+
+    cfg = build_config(cfg_dict)
+    ctx = init_distributed(cfg.parallel.backend, cfg.parallel.device)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.local_world_size)))
+    try:
+
+        def sharded(model: torch.nn.Module) -> Any:
+            # Every rank runs the same decoding loop on the same full logits with the
+            # same seeded generator, so all ranks pick the same tokens.
+            if not uses_mesh(cfg.parallel):
+                return model_logits_fn(model)
+            return model_logits_fn(inference_model(model, cfg.parallel, ctx))
+
+        texts = generate_text(
+            checkpoint, [prompt], device=str(ctx.device), logits_fn_for=sharded, **sampling
+        )
+        return texts[0]
+    finally:
+        destroy_distributed()
+
+
+def generate(
+    checkpoint: str,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+    *,
+    cfg: Config | None = None,
+    spec: LaunchSpec | None = None,
+) -> str:
+    """Continue ``prompt`` with a causal-LM checkpoint (greedy when ``temperature=0``).
+
+    With ``cfg.parallel.tp``/``pp`` > 1 (and a launch ``spec`` for that world) the
+    model runs tensor- and/or pipeline-parallel on workers; the text equals the
+    single-process one for the same seed.
+    """
+    from distml.inference.generate import check_sampling_args, generate_text
+    from distml.parallel.mesh_strategy import check_inference_plan, uses_mesh
+
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    parallel = (
+        cfg is not None
+        and spec is not None
+        and (world_size_of(spec) > 1 or uses_mesh(cfg.parallel))
+    )
+    if not parallel:
+        texts = generate_text(
+            checkpoint, [prompt], max_new_tokens, temperature, top_k, top_p, seed, device
+        )
+        return texts[0]
+    assert cfg is not None and spec is not None
+    check_model_file(checkpoint)
+    if uses_mesh(cfg.parallel):
+        check_inference_plan(cfg.parallel, world_size_of(spec), checkpoint)
+    if not prompt:
+        raise UserError("--prompt is empty; give at least one character of text to continue")
+    if seed is None:
+        # Workers must share one generator state to agree on sampled tokens.
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    sampling = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+    }
+    results = launch(_generate_worker, (cfg.to_dict(), checkpoint, prompt, sampling), spec)
+    return str(results[min(results)])
+
+
 def check_model_file(path: str) -> None:
     """Open a training checkpoint or a quantized model once, to fail before launching."""
     from distml.inference.quantize import is_quantized_file, load_quantized_for_inference
     from distml.train.checkpoint import load_checkpoint
 
-    if is_quantized_file(path):
+    if Path(path).is_dir():
+        from distml.parallel.mesh_checkpoint import read_meta
+
+        read_meta(path)
+    elif is_quantized_file(path):
         load_quantized_for_inference(path)
     else:
         load_checkpoint(path)

@@ -15,7 +15,6 @@ import os
 import pickle
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,12 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from distml.runtime.dist import free_port
 
 
 def _rank_main(

@@ -122,11 +122,11 @@ def _one_line_error(result, expected: str) -> None:
         ),
         (
             ["data.name=imagenet"],
-            "unknown dataset 'imagenet' (data.name); choose one of: cifar10, digits, mnist, synthetic-classification, synthetic-images, text",
+            "unknown dataset 'imagenet' (data.name); choose one of: cifar10, digits, mnist, squad, synthetic-classification, synthetic-images, text",
         ),
         (
             ["model.name=vgg"],
-            "unknown model 'vgg' (model.name); choose one of: bert, cnn, gpt, mlp, resnet",
+            "unknown model 'vgg' (model.name); choose one of: bert, bert-qa, cnn, gpt, hf-bert, hf-bert-qa, hf-gpt2, mlp, resnet",
         ),
         (["missing.yaml"], "config file not found: missing.yaml; pass an existing YAML file"),
         (

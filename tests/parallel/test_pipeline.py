@@ -198,7 +198,7 @@ def test_stage_timing_records_every_micro_batch(pp_results) -> None:
 
 def test_batch_not_divisible_into_micro_batches(pp_results) -> None:
     assert pp_results[0]["bad_batch"] == (
-        "a batch of 6 samples does not split into parallel.microbatches=4 equal micro-batches; "
+        "a batch of 6 samples does not split into parallel.pp_microbatches=4 equal micro-batches; "
         "make the per-replica batch a multiple of 4"
     )
 
@@ -207,11 +207,14 @@ def test_bad_pipeline_plans_give_one_line_errors() -> None:
     check_pipeline_plan(4, 2, "1f1b", 2)
     cases = [
         ((2, 4, "gpipe", 4), "parallel.pp=4 exceeds the model's 2 transformer blocks"),
-        ((4, 2, "1f1b", 1), "parallel.microbatches=1 is less than parallel.pp=2; the 1f1b"),
+        ((4, 2, "1f1b", 1), "parallel.pp_microbatches=1 is less than parallel.pp=2; the 1f1b"),
         ((4, 2, "zb", 4), "unknown pipeline schedule 'zb' (parallel.pp_schedule)"),
-        ((4, 2, "interleaved-1f1b", 4, 1), "interleaved-1f1b needs parallel.virtual_stages >= 2"),
-        ((4, 2, "1f1b", 4, 2), "parallel.virtual_stages=2 needs parallel.pp_schedule="),
-        ((6, 2, "interleaved-1f1b", 5, 2), "parallel.microbatches=5 is not a multiple of"),
+        (
+            (4, 2, "interleaved-1f1b", 4, 1),
+            "interleaved-1f1b needs parallel.pp_virtual_stages >= 2",
+        ),
+        ((4, 2, "1f1b", 4, 2), "parallel.pp_virtual_stages=2 needs parallel.pp_schedule="),
+        ((6, 2, "interleaved-1f1b", 5, 2), "parallel.pp_microbatches=5 is not a multiple of"),
         ((3, 2, "interleaved-1f1b", 4, 2), "parallel.pp x virtual_stages = 2 x 2 = 4 stages"),
     ]
     for args, start in cases:

@@ -101,6 +101,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{args.split}: loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
             f"({int(metrics['samples'])} samples)"
         )
+        if "exact" in metrics:  # extractive QA: official-style SQuAD metrics
+            print(
+                f"{args.split}: exact match {metrics['exact']:.2f}  F1 {metrics['f1']:.2f}  "
+                f"({int(metrics['total'])} questions)"
+            )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from distml import api
+    from distml.runtime.dist import pick_device
+
+    cfg = _load(args.items)
+    text = api.generate(
+        args.checkpoint,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        device=str(pick_device(cfg.parallel.device)),
+        cfg=cfg,
+        spec=_launch_spec(args, 1),
+    )
+    print(text)
     return 0
 
 
@@ -203,6 +229,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "request_timeout_s": args.request_timeout_s,
         "device": args.device,
         "token": os.environ.get("DISTML_SERVE_TOKEN") or None,
+        "tp": args.tp,
+        "pp": args.pp,
+        "microbatches": args.microbatches,
     }
     if args.min_replicas is not None:
         overrides["min_replicas"] = args.min_replicas
@@ -216,8 +245,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from distml.cluster.service import cli_api
 
     if args.cluster_command == "up":
+        options = {"address": args.ray_address} if args.ray_address else {}
         info = cli_api.cluster_up(
-            args.slots, args.port, policy=args.policy, state_dir=args.state_dir
+            args.slots,
+            args.port,
+            policy=args.policy,
+            state_dir=args.state_dir,
+            executor=args.executor,
+            executor_options=options,
         )
         print(
             f"cluster up: {info.get('url')} with {info.get('slots')} slot(s), "
@@ -273,6 +308,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         limit=args.limit,
         cluster=args.cluster,
         plot_path=args.plot,
+        gpu_util=args.gpu_util,
     )
     print(format_table(summaries))
     if args.plot:
@@ -305,15 +341,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     scripts = {
         "comm": "comm_bench.py",
+        "comm-train": "comm_training.py",
         "ddp": "ddp_overhead.py",
         "sim": "cluster_sim.py",
         "fl": "fl_simulation.py",
+        "serve": "serve_load.py",
     }
     root = Path(__file__).resolve().parents[3] / "benchmarks"
     script = root / scripts[args.which]
     if not script.is_file():
         raise UserError(f"benchmark {script} not found; run distml bench from a source checkout")
     sys.argv = [str(script), *args.rest]
+    sys.path.insert(0, str(root))  # the scripts import their shared helpers (_common.py)
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:
@@ -433,6 +472,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
+        "generate",
+        help="sample text from a causal language-model checkpoint",
+        description="Continue --prompt with the checkpoint's model, decoding with the "
+        "tokenizer saved in the checkpoint. --temperature 0 decodes greedily. With --nproc N "
+        "and parallel.tp=T / parallel.pp=P overrides the model runs tensor- and pipeline-"
+        "parallel (parallel.pp_microbatches micro-batches) and prints the same text.",
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument(
+        "--checkpoint", required=True, help="a step_*.pt file or step_*.dcp dir of a causal LM"
+    )
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add (default 200)")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="0 = greedy; >1 flatter (default 1)"
+    )
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    _add_launch_args(p, "workers (default 1); with parallel.tp/pp > 1 the model is split")
+    _hidden_debug(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
         "quantize",
         help="int8/int4 weight quantization of a checkpoint",
         description="Post-training weight quantization of linear and embedding layers: int8 "
@@ -474,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a federated gRPC server (127.0.0.1 by default)",
         description="Serve federated rounds over gRPC: TLS and per-client tokens when "
         "configured (federated.tls_cert/tls_key, federated.tokens), chunked model transfer, "
-        "SQLite state so a restarted server resumes at the last completed round.",
+        "SQLite state so a restarted server resumes at the last completed round; "
+        "secure aggregation with federated.secagg_threshold, DP-FedAvg with "
+        "federated.dp_clip/dp_noise (epsilon and delta in every round's metrics).",
     )
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     p.add_argument("--address", default=None, help="HOST:PORT (default federated.address)")
@@ -513,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default=None, help="only jobs of this virtual cluster")
     p.add_argument("--plot", default=None, help="write a JCT CDF plot (PNG) here")
     p.add_argument("--json", default=None, help="write the summaries as JSON here")
+    p.add_argument(
+        "--gpu-util", type=float, default=1.0, help="mean per-job GPU utilization (default 1.0)"
+    )
     _hidden_debug(p)
     p.set_defaults(func=cmd_sim)
 
@@ -520,11 +588,14 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="run a benchmark from benchmarks/ (source checkout)",
         description="comm: all-reduce algorithms on an emulated slow network "
-        "(root); ddp: distml's step vs hand-written DDP; sim: scheduling policies "
-        "on the Philly trace; fl: federated simulation vs a plain loop. Extra "
+        "(root); comm-train: compression, hierarchical all-reduce and parameter servers "
+        "training on an emulated network (root, --part); ddp: distml's step vs "
+        "hand-written DDP; sim: scheduling policies "
+        "on the Philly trace; fl: federated simulation vs a plain loop; serve: HTTP load "
+        "test of batch-1 vs dynamic batching vs 2 replicas. Extra "
         "arguments go to the benchmark (e.g. --quick).",
     )
-    p.add_argument("which", choices=("comm", "ddp", "sim", "fl"))
+    p.add_argument("which", choices=("comm", "comm-train", "ddp", "sim", "fl", "serve"))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(func=cmd_bench)
 
@@ -550,6 +621,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-p99-ms", type=float, default=50.0, help="adaptive p99 target")
     p.add_argument("--request-timeout-s", type=float, default=30.0, help="per-request timeout")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="replica device")
+    p.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel processes per replica (gpt, bert)"
+    )
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica (gpt)")
+    p.add_argument(
+        "--microbatches", type=int, default=2, help="micro-batches per pipelined forward"
+    )
     _hidden_debug(p)
     p.set_defaults(func=cmd_serve)
 
@@ -565,6 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--slots", type=int, default=None, help="slots (default: GPUs, else cores)")
     cl.add_argument("--port", type=int, default=8470, help="API port (default 8470)")
     cl.add_argument("--policy", default="gandiva", help="fifo, las or gandiva (default gandiva)")
+    cl.add_argument("--executor", default="local", choices=("local", "ray"), help="up: executor")
+    cl.add_argument("--ray-address", default=None, help="up: Ray cluster (default: a running one)")
     cl.add_argument("--force", action="store_true", help="down: kill an unresponsive service")
     cl.add_argument("--state-dir", default=None, help=state_help)
     cl.set_defaults(func=cmd_cluster)

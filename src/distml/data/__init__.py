@@ -15,3 +15,6 @@ __all__ = [
     "register_dataset",
     "shard_range",
 ]
+
+# Registers the "squad" dataset (its module imports the registry, so it comes last).
+from distml.data import squad  # noqa: F401

@@ -23,4 +23,4 @@ __all__ = [
 ]
 
 # Registers the built-in models; model files import only the registry, layers and errors.
-from distml.models import bert, cnn, gpt, mlp, resnet  # noqa: F401
+from distml.models import bert, bert_qa, cnn, gpt, hf, mlp, resnet  # noqa: F401

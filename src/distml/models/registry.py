@@ -22,8 +22,9 @@ from distml.errors import ConfigError
 
 #: What a model's forward returns and how the loss is computed from it.
 #: classification: (B, C) logits vs (B,) labels; causal_lm / masked_lm:
-#: (B, T, V) logits vs (B, T) token ids with -100 where no loss applies.
-TASKS = ("classification", "causal_lm", "masked_lm")
+#: (B, T, V) logits vs (B, T) token ids with -100 where no loss applies;
+#: extractive_qa: (B, 2, T) start/end logits vs (B, 2) positions (the LM loss applies).
+TASKS = ("classification", "causal_lm", "masked_lm", "extractive_qa")
 
 
 @dataclass(frozen=True)

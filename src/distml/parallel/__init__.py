@@ -1,10 +1,12 @@
 """Parallelism strategies that wrap a plain model for the one training loop.
 
-``ddp`` (all-reduce) and ``ps`` (parameter servers) plug into the Trainer; the
-mesh, tensor and pipeline plans are applied to plain models (see docs).
+``ddp`` (all-reduce), ``ps`` (parameter servers) and ``mesh`` (dp x pp x tp
+model parallelism, chosen when ``parallel.pp`` or ``parallel.tp`` > 1) plug
+into the Trainer through :func:`build_strategy`.
 """
 
 from distml.parallel.base import Strategy
-from distml.parallel.ddp import DDPStrategy, build_strategy
+from distml.parallel.ddp import DDPStrategy
+from distml.parallel.mesh_strategy import MeshStrategy, build_strategy
 
-__all__ = ["DDPStrategy", "Strategy", "build_strategy"]
+__all__ = ["DDPStrategy", "MeshStrategy", "Strategy", "build_strategy"]

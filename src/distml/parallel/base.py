@@ -10,6 +10,7 @@ how gradients travel.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -49,6 +50,41 @@ class Strategy:
 
     def setup(self, model: nn.Module, ctx: DistContext) -> nn.Module:
         return model
+
+    # ---- model parallelism (the mesh strategy); the defaults keep the plain loop
+    def prepare(self, model: nn.Module, ctx: DistContext, seed: int) -> nn.Module:
+        """Apply plans that reshape the model, before the optimizer is built.
+
+        Returns the module whose parameters this rank trains (the optimizer is
+        built on it); by default the whole model.
+        """
+        return model
+
+    def forward_backward(
+        self, model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], task: str
+    ) -> tuple[float, float] | None:
+        """Forward and backward of a step: (loss, exposed comm s); None runs the loop's own."""
+        return None
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
+        """Clip by the norm of the whole gradient (model-parallel ranks hold parts of it)."""
+        import torch
+
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+    def reports(self, ctx: DistContext, data_rank: int) -> bool:
+        """True on the one rank that writes metrics and progress."""
+        return data_rank == 0
+
+    def eval_module(self, model: nn.Module) -> nn.Module:
+        """The module evaluation calls: logits of the whole model for a batch."""
+        return model
+
+    #: True when the strategy writes its own (sharded) checkpoints via ``save_checkpoint``.
+    owns_checkpoints = False
+
+    def save_checkpoint(self, trainer: Any) -> Path | None:
+        raise NotImplementedError(f"strategy {self.name!r} uses the trainer's checkpoints")
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return getattr(model, "module", model)

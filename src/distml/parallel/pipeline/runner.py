@@ -169,8 +169,9 @@ class Pipeline:
             losses=losses if self.has_last else None,
             return_outputs=False,
         )
-        self._sum_tied_grads()
+        # The bubble is the schedule's: stop the clock before the tied-weight all-reduce.
         self.last_timing = self.timer.stop()
+        self._sum_tied_grads()
         loss = torch.stack([x.detach() for x in losses]).mean() if losses else None
         if not broadcast_loss:
             return None if loss is None else float(loss)
@@ -201,7 +202,7 @@ class Pipeline:
         if batch is not None and batch.shape[0] % self.microbatches:
             raise ConfigError(
                 f"a batch of {batch.shape[0]} samples does not split into "
-                f"parallel.microbatches={self.microbatches} equal micro-batches; make the "
+                f"parallel.pp_microbatches={self.microbatches} equal micro-batches; make the "
                 f"per-replica batch a multiple of {self.microbatches}"
             )
 

@@ -31,17 +31,17 @@ def check_pipeline_plan(
         )
     if pp < 1 or virtual_stages < 1 or microbatches < 1:
         raise ConfigError(
-            "parallel.pp, parallel.virtual_stages and parallel.microbatches must be positive, "
-            f"got {pp}, {virtual_stages} and {microbatches}"
+            "parallel.pp, parallel.pp_virtual_stages and parallel.pp_microbatches must be "
+            f"positive, got {pp}, {virtual_stages} and {microbatches}"
         )
     if schedule == "interleaved-1f1b" and virtual_stages < 2:
         raise ConfigError(
-            "parallel.pp_schedule=interleaved-1f1b needs parallel.virtual_stages >= 2 "
+            "parallel.pp_schedule=interleaved-1f1b needs parallel.pp_virtual_stages >= 2 "
             "(stages per rank); set it, or use pp_schedule=1f1b"
         )
     if schedule != "interleaved-1f1b" and virtual_stages != 1:
         raise ConfigError(
-            f"parallel.virtual_stages={virtual_stages} needs parallel.pp_schedule="
+            f"parallel.pp_virtual_stages={virtual_stages} needs parallel.pp_schedule="
             f"interleaved-1f1b; set virtual_stages=1 for {schedule}"
         )
     stages = pp * virtual_stages
@@ -57,15 +57,15 @@ def check_pipeline_plan(
         )
     if schedule == "1f1b" and microbatches < pp:
         raise ConfigError(
-            f"parallel.microbatches={microbatches} is less than parallel.pp={pp}; the 1f1b "
-            f"schedule needs at least one micro-batch per stage: set microbatches >= {pp} "
+            f"parallel.pp_microbatches={microbatches} is less than parallel.pp={pp}; the 1f1b "
+            f"schedule needs at least one micro-batch per stage: set pp_microbatches >= {pp} "
             "or use pp_schedule=gpipe"
         )
     if schedule == "interleaved-1f1b":
         rounds = max(1, microbatches // pp)
         if microbatches % rounds:
             raise ConfigError(
-                f"parallel.microbatches={microbatches} is not a multiple of "
+                f"parallel.pp_microbatches={microbatches} is not a multiple of "
                 f"max(1, microbatches // pp) = {rounds} as interleaved-1f1b requires; "
                 f"use a multiple of parallel.pp={pp}"
             )

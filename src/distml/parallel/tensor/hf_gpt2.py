@@ -8,7 +8,8 @@ values, which both the older (``_split_heads``) and newer (``view(..., -1,
 head_dim)``) GPT-2 forward passes read. Parameter names and the (in, out)
 layout are kept, so :func:`~distml.parallel.tensor.state.full_state_dict`
 yields a checkpoint Hugging Face can load. transformers is not imported here:
-the model is recognised by its class name.
+the model is recognised by its class name, also inside distml's ``hf-gpt2``
+wrapper (whose ``.hf`` is the GPT-2).
 
 With ``loss_parallel`` the model's logits are vocabulary shards: do not pass
 ``labels`` (Hugging Face's loss would treat the shard as the full vocabulary);
@@ -35,8 +36,14 @@ from distml.parallel.tensor.layers import (
 _HF_CLASSES = ("GPT2LMHeadModel", "GPT2Model")
 
 
+def _hf_module(model: nn.Module) -> nn.Module:
+    """The Hugging Face model itself, also inside distml's ``hf-gpt2`` wrapper (``.hf``)."""
+    inner = getattr(model, "hf", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def is_hf_gpt2(model: nn.Module) -> bool:
-    cls = type(model)
+    cls = type(_hf_module(model))
     return cls.__name__ in _HF_CLASSES and cls.__module__.startswith("transformers.")
 
 
@@ -103,6 +110,7 @@ def parallelize_hf_gpt2(model: nn.Module, group: dist.ProcessGroup, loss_paralle
     """Shard a Hugging Face GPT-2 in place (see the module docstring)."""
     from distml.parallel.tensor.plan import check_tensor_parallel_sizes
 
+    model = _hf_module(model)
     tp = dist.get_world_size(group)
     cfg: Any = model.config
     check_tensor_parallel_sizes(tp, cfg.n_head, cfg.n_embd, cfg.vocab_size)

@@ -117,16 +117,27 @@ def _parallelize_bert(model: BERT, group: dist.ProcessGroup, loss_parallel: bool
     check_tensor_parallel_sizes(dist.get_world_size(group), cfg.n_head, cfg.n_embd, cfg.vocab_size)
     _parallelize_blocks(model.blocks, group)
     emb = model.embeddings
-    tied = model.head.decoder.weight is emb.tok.weight
     tok = VocabParallelEmbedding.from_embedding(emb.tok, group)
-    model.head.decoder = ColumnParallelLinear.from_linear(  # type: ignore[assignment]
-        model.head.decoder,
-        group,
-        copy_input=True,
-        gather_output=not loss_parallel,
-        weight=tok.weight if tied else None,
-    )
+    # bert-qa has no MLM head (its 2-way span head stays replicated): only the
+    # masked-LM model has a vocabulary-sized decoder to split.
+    head = getattr(model, "head", None)
+    if head is not None:
+        tied = head.decoder.weight is emb.tok.weight
+        head.decoder = ColumnParallelLinear.from_linear(
+            head.decoder,
+            group,
+            copy_input=True,
+            gather_output=not loss_parallel,
+            weight=tok.weight if tied else None,
+        )
     emb.tok = tok  # type: ignore[assignment]
+
+
+def _is_span_model(model: nn.Module) -> bool:
+    if isinstance(model, BERT) and getattr(model, "head", None) is None:
+        return True
+    inner = getattr(model, "hf", model)
+    return type(inner).__name__ == "BertForQuestionAnswering"
 
 
 def apply_tensor_parallel(
@@ -148,15 +159,22 @@ def apply_tensor_parallel(
     elif isinstance(model, BERT):
         _parallelize_bert(model, group, loss_parallel)
     else:
+        from distml.parallel.tensor.hf_bert import is_hf_bert, parallelize_hf_bert
         from distml.parallel.tensor.hf_gpt2 import is_hf_gpt2, parallelize_hf_gpt2
 
-        if not is_hf_gpt2(model):
+        if is_hf_gpt2(model):
+            parallelize_hf_gpt2(model, group, loss_parallel)
+        elif is_hf_bert(model):
+            parallelize_hf_bert(model, group, loss_parallel)
+        else:
             raise ConfigError(
-                f"no tensor-parallel plan for model {type(model).__name__}; "
-                "use parallel.tp=1 or one of: gpt, bert, Hugging Face GPT-2"
+                f"no tensor-parallel plan for model {type(model).__name__}; use "
+                "parallel.tp=1 or one of: gpt, bert, bert-qa, hf-gpt2, hf-bert, hf-bert-qa"
             )
-        parallelize_hf_gpt2(model, group, loss_parallel)
     check_same_rng_for_dropout(model, group)
+    # Span (QA) heads are replicated: their logits are whole, so the ordinary loss applies.
+    if _is_span_model(model):
+        loss_parallel = False
     # A plain attribute (not a submodule): strategies and pipelines read it back.
     setattr(model, "tensor_parallel", TensorParallelInfo(group, size, loss_parallel))  # noqa: B010
     return model
