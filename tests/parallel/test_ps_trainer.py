@@ -1,11 +1,15 @@
 """The ps strategy under the Trainer on 2 servers + 2 workers (one spawn for all runs).
 
 Sync equals a single-process run on the same global batch and resumes exactly
-from a checkpoint; async and ssp (with lossy codecs) learn digits to >= 90%.
+from a checkpoint; async and ssp (with lossy codecs) learn digits to >= 90%
+(each async/ssp worker evaluates its own half of the test split); ssp with
+staleness 3 and a slowed worker lets the fast one run exactly 3 steps ahead
+(workers no longer synchronise through the Trainer's per-step exchange).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -23,6 +27,8 @@ BASE: dict[str, Any] = {
     "logging": {"progress": False},
 }
 PS = {"strategy": "ps", "servers": 2, "workers": 2, "consistency": "sync"}
+STALENESS = 3
+STALE_STEPS = 20  # fewer than one epoch (22 steps of 64)
 
 
 def _cfg(run_dir: str, parallel: dict[str, Any] | None = None, resume: bool = False) -> Any:
@@ -76,6 +82,21 @@ def _ps_runs(rank: int, world: int, root: str) -> dict[str, Any]:
         trainer = Trainer(_digits_cfg(f"{root}/{name}", **parallel))
         out[name] = trainer.fit()
         out[f"{name}_weights"] = _weights(trainer)
+    # ssp, staleness 3, worker 1 slowed by 40 ms a step: the gap reaches 3, never more.
+    cfg = _digits_cfg(f"{root}/stale", consistency="ssp", staleness=STALENESS).to_dict()
+    cfg["schedule"].update(epochs=1, max_steps=STALE_STEPS, eval_every_epochs=0)
+    stale = Trainer(build_config(cfg))
+    if rank == 1:
+        step = stale.train_step
+
+        def slow_step(batches: Any) -> Any:
+            time.sleep(0.04)
+            return step(batches)
+
+        stale.train_step = slow_step  # type: ignore[method-assign]
+    out["stale"] = stale.fit()
+    server = getattr(stale.strategy, "server", None)
+    out["stale_releases"] = list(server.stats.releases) if server is not None else []
     return out
 
 
@@ -117,3 +138,7 @@ def test_ps_sync_equals_single_process_resumes_and_async_ssp_learn(tmp_path) -> 
         for key, value in workers[0][f"{name}_weights"].items():
             assert torch.equal(value, workers[1][f"{name}_weights"][key]), key
     assert max(s["ssp"]["ps_max_gap"] for s in servers) <= 1
+    for server in servers:
+        gaps = [done - slowest for _, done, slowest in server["stale_releases"]]
+        assert max(gaps) == STALENESS and server["stale"]["ps_updates"] == 2 * STALE_STEPS
+    assert workers[0]["stale"]["steps"] == workers[1]["stale"]["steps"] == STALE_STEPS

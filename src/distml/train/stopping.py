@@ -34,6 +34,10 @@ class StepSync:
     ) -> None:
         self.requested = False
         self.signal_name = ""
+        if distributed and group is not None and dist.get_world_size(group) == 1:
+            # A data group of one rank (ps async/ssp workers train independently): nothing
+            # to agree on, and the loss is this rank's own.
+            distributed, world = False, 1
         self._distributed = distributed
         self._device = device
         self._group = group

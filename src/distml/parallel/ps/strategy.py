@@ -11,10 +11,20 @@ hyperparameters) at the Trainer's LR schedule. Checkpoints: worker 0 asks
 every server for its shard (parameters and optimizer state) and stores them
 in whole-model form in the checkpoint's ``strategy`` entry, so one atomic
 file holds everything and a resume may use another number of servers.
+
+In ``async`` and ``ssp`` modes workers never wait for each other outside the
+servers' own gating: each worker's "data group" is a group of itself alone,
+so the Trainer's per-step stop/loss exchange and its evaluation stay local
+(a worker reports the loss and test metrics of its own shard), and worker 0
+writes checkpoints without gathering the others' RNG states. That is what
+lets a dead worker be dropped while the rest train on (with
+:func:`distml.launch.launcher.launch` tolerating the death), and what lets
+ssp workers drift up to ``staleness`` steps apart under the Trainer.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,6 +94,7 @@ class PSStrategy(Strategy):
         self.plan: ShardPlan | None = None
         self._client: PSClient | None = None
         self._group: dist.ProcessGroup | None = None
+        self._solo: dist.ProcessGroup | None = None
         self._named: list[tuple[str, nn.Parameter]] = []
         self._ctx = DistContext()
         self._comm_device = torch.device("cpu")
@@ -105,8 +116,32 @@ class PSStrategy(Strategy):
         # Servers take no data; rank 0's share keeps their (unused) sampler valid.
         return (ctx.rank if ctx.rank < self.num_workers else 0), self.num_workers
 
+    @property
+    def independent_workers(self) -> bool:
+        """True when workers must not wait for each other (async and ssp)."""
+        return self.cfg.consistency in ("async", "ssp")
+
     def data_group(self) -> dist.ProcessGroup | None:
-        return self._group
+        return self._solo if self.independent_workers else self._group
+
+    @property
+    def owns_checkpoints(self) -> bool:  # type: ignore[override]
+        return self.independent_workers
+
+    def save_checkpoint(self, trainer: Any) -> Path | None:
+        """async/ssp: worker 0 alone writes the checkpoint (no collective among workers)."""
+        if trainer.data_rank != 0:
+            return None
+        # The Trainer gathers every data rank's RNG state when data_world > 1; async workers
+        # may be gone, so store worker 0's alone (world_size 1): a resume reseeds the others.
+        data_world = trainer.data_world
+        trainer.data_world = 1
+        try:
+            state = trainer.state_dict()
+        finally:
+            trainer.data_world = data_world
+        path: Path = trainer.checkpoints.save(state, trainer.step)
+        return path
 
     def setup(self, model: nn.Module, ctx: DistContext) -> nn.Module:
         check_ps_settings(self.cfg, ctx.world_size)
@@ -114,6 +149,11 @@ class PSStrategy(Strategy):
         self._comm_device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
         # Every rank (servers too) must take part in creating the workers' group.
         self._group = dist.new_group(list(range(self.num_workers)))
+        if self.independent_workers:
+            for worker in range(self.num_workers):  # every rank creates every group
+                solo = dist.new_group([worker])
+                if worker == ctx.rank:
+                    self._solo = solo
         self._named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         return model
 
