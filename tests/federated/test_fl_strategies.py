@@ -187,6 +187,7 @@ def test_registry_builds_all_and_reports_one_line_errors() -> None:
             "trimmed_mean",
             "krum",
             "multikrum",
+            "scaffold",
         ]
     )
     for name in strategy_names():

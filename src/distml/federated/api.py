@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from distml.config import Config
+from distml.config import Config, FederatedSection
 from distml.data import build_datasets
 from distml.errors import ConfigError
 from distml.federated.partition import label_histograms, partition
 from distml.federated.privacy import DifferentialPrivacy
 from distml.federated.simulation import History, RoundRecord, simulate
-from distml.federated.strategies import build_strategy
+from distml.federated.strategies import Strategy, build_strategy
 from distml.models import get_model_spec, make_model_config
 
 
@@ -65,7 +65,14 @@ def partition_report(cfg: Config) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def build_fl_strategy(cfg: Config) -> Any:
-    fed = cfg.federated
+    return strategy_from_settings(cfg.federated)
+
+
+def strategy_from_settings(fed: FederatedSection, seed: int = 0) -> Strategy:
+    """The configured strategy, wrapped in DP-FedAvg when ``dp_clip``/``dp_noise`` are set.
+
+    ``seed`` seeds the server's DP noise; a deployment passes a random one.
+    """
     strategy = build_strategy(fed.strategy, **fed.strategy_options)
     if fed.dp_noise > 0 or fed.dp_clip > 0:
         if fed.dp_clip <= 0:
@@ -76,6 +83,7 @@ def build_fl_strategy(cfg: Config) -> Any:
             noise_multiplier=fed.dp_noise,
             mode=fed.dp_mode,
             delta=fed.dp_delta,
+            seed=seed,
         )
     return strategy
 
@@ -124,4 +132,10 @@ def run_simulation(
     return history
 
 
-__all__ = ["RoundRecord", "build_fl_strategy", "partition_report", "run_simulation"]
+__all__ = [
+    "RoundRecord",
+    "build_fl_strategy",
+    "partition_report",
+    "run_simulation",
+    "strategy_from_settings",
+]

@@ -163,7 +163,15 @@ class DifferentialPrivacy(Strategy):
         delta: float = 1e-5,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        # The wrapper samples through the inner strategy, so it reports the inner minimums
+        # (a server waits for min_fit_clients of the wrapper).
+        super().__init__(
+            fraction_fit=strategy.fraction_fit,
+            min_fit_clients=strategy.min_fit_clients,
+            fraction_evaluate=strategy.fraction_evaluate,
+            min_evaluate_clients=strategy.min_evaluate_clients,
+            min_available_clients=strategy.min_available_clients,
+        )
         require(clip_norm > 0, f"dp option clip_norm must be > 0, got {clip_norm}")
         require(
             noise_multiplier >= 0,
@@ -217,13 +225,29 @@ class DifferentialPrivacy(Strategy):
             for r in results
         ]
         total = [torch.stack(ts).sum(dim=0) for ts in zip(*clipped, strict=True)]
+        return self.aggregate_sum(server_round, total, len(results), current)
+
+    def aggregate_sum(
+        self,
+        server_round: int,
+        total: Sequence[torch.Tensor],
+        num_clients: int,
+        current: Parameters,
+    ) -> Parameters:
+        """Noise, average and apply ``total``, the sum of ``num_clients`` clipped updates.
+
+        The entry point when the server only learns the sum (secure aggregation):
+        clients clip (and, in local mode, noise) their own updates.
+        """
+        if num_clients < 1:
+            return unchanged(current)
         if self.mode == "central":
             total = add_gaussian_noise(
                 total, self.noise_multiplier * self.clip_norm, self.generator
             )
         # Dividing by the sampled count, not the reporting count, keeps dropouts from
         # changing the scale that the noise was calibrated against.
-        denom = max(self._sampled, len(results))
+        denom = max(self._sampled, num_clients)
         mean = [t / denom for t in total]
         self.accountant.step(self.noise_multiplier, self._sample_rate)
         noisy = FitResult(client_id=-1, parameters=mean, num_examples=1, is_update=True)
@@ -238,6 +262,9 @@ class DifferentialPrivacy(Strategy):
         self, params: Sequence[torch.Tensor], global_params: Sequence[torch.Tensor]
     ) -> torch.Tensor | None:
         return self.strategy.client_loss_term(params, global_params)
+
+    def client_correction(self, client_id: int, current: Parameters) -> Parameters | None:
+        return self.strategy.client_correction(client_id, current)
 
     def client_update(self, update: Parameters, generator: torch.Generator) -> Parameters:
         update = self.strategy.client_update(update, generator)

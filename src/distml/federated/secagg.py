@@ -253,6 +253,7 @@ class SecAggClient:
         self._mask_key = X25519PrivateKey.generate()
         self._self_seed = secrets.token_bytes(_SEED_BYTES)
         self._peers: dict[int, _Peer] = {}
+        self._channel_keys: dict[int, bytes] = {}
         self._threshold = 0
         self._u2: list[int] = []
         self._step = 0
@@ -315,10 +316,15 @@ class SecAggClient:
         return EncryptedShares(self.client_id, recipients, ciphertexts)
 
     def _channel_key(self, peer: int) -> bytes:
-        shared = self._enc_key.exchange(
-            X25519PublicKey.from_public_bytes(self._peers[peer].enc_public_key)
-        )
-        return _hkdf(shared, b"distml-secagg/enc")
+        # Cached: the same key encrypts shares to the peer and decrypts the peer's shares,
+        # and each X25519 exchange is the protocol's main cost.
+        key = self._channel_keys.get(peer)
+        if key is None:
+            shared = self._enc_key.exchange(
+                X25519PublicKey.from_public_bytes(self._peers[peer].enc_public_key)
+            )
+            key = self._channel_keys[peer] = _hkdf(shared, b"distml-secagg/enc")
+        return key
 
     def masked_input(
         self, forwarded: ForwardedShares, values: torch.Tensor | np.ndarray

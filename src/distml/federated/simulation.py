@@ -171,6 +171,7 @@ class _Trainer:
             set_parameters(self.model, global_params)
             params = [p for p in self.model.parameters() if p.requires_grad]
             opt = torch.optim.SGD(params, lr=self.lr)
+            correction = self._correction(plan.client_id, global_params)
             losses = []
             for step in range(len(plan.batches)):
                 batch = plan.batch(step)
@@ -179,12 +180,23 @@ class _Trainer:
                 term = self.strategy.client_loss_term(params, global_trainable)
                 if term is not None:
                     loss = loss + term
+                if correction is not None:
+                    linear = sum((p * c).sum() for p, c in zip(params, correction, strict=True))
+                    loss = loss + torch.as_tensor(linear)
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
             update = subtract(list(self.model.state_dict().values()), global_params)
             out.append((update, float(np.mean(losses))))
         return out
+
+    def _correction(self, client_id: int, global_params: Parameters) -> Parameters | None:
+        """The strategy's gradient correction of one client, on the trainable tensors only."""
+        full = self.strategy.client_correction(client_id, global_params)
+        if full is None:
+            return None
+        by_name = dict(zip(self.names, full, strict=True))
+        return [by_name[n].to(global_params[0].device) for n in self.trainable]
 
     def vmapped(
         self, plans: Sequence[ClientPlan], global_params: Parameters
@@ -213,6 +225,10 @@ class _Trainer:
             return torch.zeros(()) if term is None else term
 
         has_term = strategy.client_loss_term(list(global_trainable), global_trainable) is not None
+        client_corr = [self._correction(p.client_id, global_params) for p in plans]
+        corrections = None
+        if all(c is not None for c in client_corr):
+            corrections = [torch.stack(ts) for ts in zip(*client_corr, strict=True)]
         batched_forward = torch.vmap(forward, randomness="different")
         batched_term = torch.vmap(loss_term)
         leaves = [stacked[n].requires_grad_() for n in trainable]
@@ -234,6 +250,13 @@ class _Trainer:
             losses = (per_sample.view(rows.shape) * weight[s]).sum(dim=1)
             if has_term:
                 losses = losses + batched_term(stacked) * active[s].to(losses.dtype)
+            if corrections is not None:
+                # <theta_k, corr_k> per client: its gradient w.r.t. theta_k is corr_k.
+                linear = sum(
+                    (leaf * c).flatten(1).sum(1)
+                    for leaf, c in zip(leaves, corrections, strict=True)
+                )
+                losses = losses + torch.as_tensor(linear) * active[s].to(losses.dtype)
             grads = torch.autograd.grad(losses, leaves, grad_outputs=ones)
             with torch.no_grad():
                 torch._foreach_add_(leaves, grads, alpha=-self.lr)
@@ -376,9 +399,8 @@ def simulate(
                 update = strategy.client_update(
                     update, torch.Generator().manual_seed(plan.noise_seed)
                 )
-            result = FitResult(
-                plan.client_id, update, plan.num_examples, {"train_loss": loss}, is_update=True
-            )
+            metrics = {"train_loss": loss, "local_steps": float(len(plan.batches)), "lr": round_lr}
+            result = FitResult(plan.client_id, update, plan.num_examples, metrics, is_update=True)
             results.append(transform_results(result) if transform_results else result)
         train_loss = weighted_metrics(
             [r.metrics for r in results], [r.num_examples for r in results]

@@ -2,7 +2,7 @@
 
 Use :func:`build_strategy` with a registry name (``fedavg``, ``fedprox``,
 ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad``, ``fedmedian``,
-``trimmed_mean``, ``krum``, ``multikrum``) and options from a config.
+``trimmed_mean``, ``krum``, ``multikrum``, ``scaffold``) and options from a config.
 """
 
 from distml.federated.strategies.base import (
@@ -28,6 +28,7 @@ from distml.federated.strategies.registry import (
     strategy_names,
     strategy_options,
 )
+from distml.federated.strategies.scaffold import Scaffold
 from distml.federated.strategies.trimmed_mean import TrimmedMean
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "FitResult",
     "Krum",
     "MultiKrum",
+    "Scaffold",
     "Strategy",
     "TrimmedMean",
     "build_strategy",

@@ -237,6 +237,14 @@ class Strategy(ABC):
         """Transform a client's final update before it is sent (local DP clips and noises)."""
         return update
 
+    def client_correction(self, client_id: int, current: Parameters) -> Parameters | None:
+        """A constant client ``client_id`` adds to every gradient (SCAFFOLD's ``c - c_i``).
+
+        In ``current``'s layout (all state entries); None for none. Trainers add it
+        as the linear loss term ``<params, correction>`` over trainable tensors.
+        """
+        return None
+
 
 def unchanged(current: Parameters) -> Parameters:
     """The model a round with no results yields: the current one, copied."""

@@ -24,6 +24,7 @@ from distml.federated.strategies.fedmedian import FedMedian
 from distml.federated.strategies.fedprox import FedProx
 from distml.federated.strategies.fedyogi import FedYogi
 from distml.federated.strategies.krum import Krum, MultiKrum
+from distml.federated.strategies.scaffold import Scaffold
 from distml.federated.strategies.trimmed_mean import TrimmedMean
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -39,6 +40,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         TrimmedMean,
         Krum,
         MultiKrum,
+        Scaffold,
     )
 }
 

@@ -6,7 +6,9 @@ spec, see :mod:`distml.federated.deploy`), then loops: fetch a task (the
 global model arrives in checksummed chunks, possibly quantized), train with
 SGD under the server's settings and its own step budget, and send back only
 the update ``w_local - w_global``, encoded by the round's codec with error
-feedback kept across rounds. Raw data never leaves the client. Lost
+feedback kept across rounds; or, when the round asks for secure aggregation,
+only a masked fixed-point vector through the ``SecAgg`` steps (see
+:mod:`~distml.federated.transport.secure_round`). Raw data never leaves the client. Lost
 connections (a restarted server) are retried until ``reconnect_timeout_s``;
 rejections the user must fix (a bad token, an update the server refuses)
 raise :class:`~distml.errors.UserError` with the server's explanation.
@@ -35,8 +37,21 @@ from torch import nn
 from distml.comm.codecs import FeedbackEncoder
 from distml.errors import UserError
 from distml.federated.deploy import ClientData, load_client_data
-from distml.federated.parameters import Parameters, get_parameters, parameter_names, subtract
+from distml.federated.parameters import (
+    Parameters,
+    flatten,
+    get_parameters,
+    parameter_names,
+    subtract,
+)
 from distml.federated.privacy import add_gaussian_noise, clip_update
+from distml.federated.secagg import (
+    ForwardedShares,
+    KeyDirectory,
+    SecAggClient,
+    SecAggError,
+    UnmaskRequest,
+)
 from distml.federated.simulation import evaluate
 from distml.federated.strategies import proximal_term
 from distml.federated.transport import fl_pb2, fl_pb2_grpc
@@ -270,6 +285,9 @@ class FederatedClient:
         model.load_state_dict(dict(zip(names, global_params, strict=True)))
         if header.kind == fl_pb2.FIT:
             config = json.loads(header.config_json)
+            if config.get("secagg_threshold"):
+                self._fit_secure(header, config, global_params)
+                return
             result = self._fit(int(header.round), config, global_params)
         else:
             result = self._evaluate(global_params)
@@ -299,6 +317,114 @@ class FederatedClient:
     def _fit(
         self, server_round: int, config: dict[str, Any], global_params: Parameters
     ) -> tuple[Any, bytes]:
+        update, metrics = self._train(server_round, config, global_params)
+        codec = str(config.get("upload_codec", "none"))
+        encoder = self._encoder(
+            codec, float(config.get("topk_fraction", 0.01)), bool(config.get("error_feedback"))
+        )
+        payload = encode_parameters(update, encoder)
+        header = fl_pb2.ResultHeader(
+            num_examples=len(self._require_data()), metrics=_finite(metrics), codec=codec
+        )
+        return header, payload
+
+    def _fit_secure(self, task: Any, config: dict[str, Any], global_params: Parameters) -> None:
+        """Train, then upload the update only as a masked vector through the SecAgg steps.
+
+        The vector is ``[w * update, w * loss, n, w]`` with ``w = n`` (FedAvg's
+        example weighting) or ``w = 1`` (DP, uniform); the server unmasks only the sum.
+        """
+        update, metrics = self._train(int(task.round), config, global_params)
+        n = float(len(self._require_data()))
+        w = 1.0 if config.get("secagg_weighting") == "uniform" else n
+        tail = torch.tensor([w * metrics["train_loss"], n, w], dtype=torch.float64)
+        vector = torch.cat([flatten(update, torch.float64) * w, tail])
+        if 8 * len(vector) + 4096 > int(self._joined.max_message_bytes):
+            raise UserError(
+                f"the masked update ({8 * len(vector)} bytes) exceeds the server's message limit; "
+                "raise federated.max_message_mb on the server"
+            )
+        sa = SecAggClient(self.summary.client_id, len(vector))
+        try:
+            keys = sa.advertise_keys()
+            directory = self._secure_step(
+                task,
+                "keys",
+                fl_pb2.SecAggKeys(
+                    enc_public_key=keys.enc_public_key, mask_public_key=keys.mask_public_key
+                ),
+            ).directory
+            shares = sa.share_keys(
+                KeyDirectory(
+                    list(directory.client_ids),
+                    list(directory.enc_public_keys),
+                    list(directory.mask_public_keys),
+                    int(directory.threshold),
+                )
+            )
+            forwarded = self._secure_step(
+                task,
+                "shares",
+                fl_pb2.SecAggShares(
+                    recipient_ids=shares.recipient_ids, ciphertexts=shares.ciphertexts
+                ),
+            ).forwarded
+            masked = sa.masked_input(
+                ForwardedShares(
+                    sa.client_id, list(forwarded.sender_ids), list(forwarded.ciphertexts)
+                ),
+                vector,
+            )
+            request = self._secure_step(
+                task, "masked", fl_pb2.SecAggMasked(data=masked.data)
+            ).unmask_request
+            response = sa.unmask(
+                UnmaskRequest(list(request.survivor_ids), list(request.dropped_ids))
+            )
+            self._secure_step(
+                task,
+                "unmask",
+                fl_pb2.SecAggUnmask(
+                    seed_owner_ids=response.seed_owner_ids,
+                    seed_shares=response.seed_shares,
+                    key_owner_ids=response.key_owner_ids,
+                    key_shares=response.key_shares,
+                ),
+            )
+        except grpc.RpcError as err:
+            if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, *_RETRYABLE):
+                log.info(
+                    "client %s: round %d secure aggregation left without it (%s)",
+                    self.name,
+                    task.round,
+                    err.details(),
+                )
+                return
+            raise UserError(
+                f"server {self.server} rejected the round {task.round} secure aggregation: "
+                f"{err.code().name}: {err.details()}"
+            ) from None
+        except SecAggError as exc:
+            # A malformed directory or share from the server: skip this round, keep serving.
+            log.warning(
+                "client %s: round %d secure aggregation aborted: %s", self.name, task.round, exc
+            )
+            return
+        self.summary.fit_rounds.append(int(task.round))
+
+    def _secure_step(self, task: Any, step: str, message: Any) -> Any:
+        """Send one SecAgg step; returns the server's answer once the step closed."""
+        request = fl_pb2.SecAggRequest(client_name=self.name, task_id=task.task_id)
+        getattr(request, step).CopyFrom(message)
+        reply = self.stub.SecAgg(request, metadata=self.metadata, timeout=600.0)
+        self.summary.bytes_sent += request.ByteSize()
+        self.summary.bytes_received += reply.ByteSize()
+        return reply
+
+    def _train(
+        self, server_round: int, config: dict[str, Any], global_params: Parameters
+    ) -> tuple[Parameters, dict[str, float]]:
+        """Local SGD from ``global_params``; the (possibly clipped and noised) update."""
         model, data = self._require_model(), self._require_data()
         budget = [s for s in (config.get("max_steps"), self.max_steps) if s is not None]
         start = time.perf_counter()
@@ -321,18 +447,12 @@ class FederatedClient:
             update = add_gaussian_noise(
                 clip_update(update, clip), float(config["dp_noise_multiplier"]) * clip, gen
             )
-        codec = str(config.get("upload_codec", "none"))
-        encoder = self._encoder(
-            codec, float(config.get("topk_fraction", 0.01)), bool(config.get("error_feedback"))
-        )
-        payload = encode_parameters(update, encoder)
         metrics = {
             "train_loss": loss,
             "local_steps": float(steps),
             "train_seconds": time.perf_counter() - start,
         }
-        header = fl_pb2.ResultHeader(num_examples=len(data), metrics=_finite(metrics), codec=codec)
-        return header, payload
+        return update, metrics
 
     def _evaluate(self, global_params: Parameters) -> tuple[Any, bytes]:
         model, data = self._require_model(), self._require_data()

@@ -22,7 +22,7 @@ _sym_db = _symbol_database.Default()
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n#distml/federated/transport/fl.proto\x12\x10\x64istml.federated""\n\x0bJoinRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t"\xba\x01\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x17\n\x0fmodel_args_json\x18\x04 \x01(\t\x12\x11\n\tdata_json\x18\x05 \x01(\t\x12\x16\n\x0epoll_timeout_s\x18\x06 \x01(\x01\x12\x12\n\nchunk_size\x18\x07 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x03""\n\x0bTaskRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t"\xb7\x01\n\nTaskHeader\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.distml.federated.TaskKind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x15\n\rretry_after_s\x18\x08 \x01(\x01"U\n\x0bTaskMessage\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.distml.federated.TaskHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x05\n\x03msg"\xfb\x01\n\x0cResultHeader\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12<\n\x07metrics\x18\x05 \x03(\x0b\x32+.distml.federated.ResultHeader.MetricsEntry\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x14\n\x0cpayload_size\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01"Y\n\rResultMessage\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.distml.federated.ResultHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x05\n\x03msg"7\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03*7\n\x08TaskKind\x12\x08\n\x04WAIT\x10\x00\x12\x07\n\x03\x46IT\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\n\n\x06\x46INISH\x10\x03\x32\xf4\x01\n\x11\x46\x65\x64\x65ratedLearning\x12\x42\n\x04Join\x12\x1d.distml.federated.JoinRequest\x1a\x1b.distml.federated.JoinReply\x12I\n\x07GetTask\x12\x1d.distml.federated.TaskRequest\x1a\x1d.distml.federated.TaskMessage0\x01\x12P\n\x0cSubmitResult\x12\x1f.distml.federated.ResultMessage\x1a\x1d.distml.federated.SubmitReply(\x01\x62\x06proto3'
+    b'\n#distml/federated/transport/fl.proto\x12\x10\x64istml.federated""\n\x0bJoinRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t"\xba\x01\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x17\n\x0fmodel_args_json\x18\x04 \x01(\t\x12\x11\n\tdata_json\x18\x05 \x01(\t\x12\x16\n\x0epoll_timeout_s\x18\x06 \x01(\x01\x12\x12\n\nchunk_size\x18\x07 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x03""\n\x0bTaskRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t"\xb7\x01\n\nTaskHeader\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.distml.federated.TaskKind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x15\n\rretry_after_s\x18\x08 \x01(\x01"U\n\x0bTaskMessage\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.distml.federated.TaskHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x05\n\x03msg"\xfb\x01\n\x0cResultHeader\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12<\n\x07metrics\x18\x05 \x03(\x0b\x32+.distml.federated.ResultHeader.MetricsEntry\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x14\n\x0cpayload_size\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01"Y\n\rResultMessage\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.distml.federated.ResultHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x05\n\x03msg"7\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03"=\n\nSecAggKeys\x12\x16\n\x0e\x65nc_public_key\x18\x01 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x02 \x01(\x0c":\n\x0cSecAggShares\x12\x15\n\rrecipient_ids\x18\x01 \x03(\x03\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c"\x1c\n\x0cSecAggMasked\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c"f\n\x0cSecAggUnmask\x12\x16\n\x0eseed_owner_ids\x18\x01 \x03(\x03\x12\x13\n\x0bseed_shares\x18\x02 \x03(\x0c\x12\x15\n\rkey_owner_ids\x18\x03 \x03(\x03\x12\x12\n\nkey_shares\x18\x04 \x03(\x0c"\x81\x02\n\rSecAggRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12,\n\x04keys\x18\x03 \x01(\x0b\x32\x1c.distml.federated.SecAggKeysH\x00\x12\x30\n\x06shares\x18\x04 \x01(\x0b\x32\x1e.distml.federated.SecAggSharesH\x00\x12\x30\n\x06masked\x18\x05 \x01(\x0b\x32\x1e.distml.federated.SecAggMaskedH\x00\x12\x30\n\x06unmask\x18\x06 \x01(\x0b\x32\x1e.distml.federated.SecAggUnmaskH\x00\x42\x06\n\x04step"k\n\x0fSecAggDirectory\x12\x12\n\nclient_ids\x18\x01 \x03(\x03\x12\x17\n\x0f\x65nc_public_keys\x18\x02 \x03(\x0c\x12\x18\n\x10mask_public_keys\x18\x03 \x03(\x0c\x12\x11\n\tthreshold\x18\x04 \x01(\x03":\n\x0fSecAggForwarded\x12\x12\n\nsender_ids\x18\x01 \x03(\x03\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c"@\n\x13SecAggUnmaskRequest\x12\x14\n\x0csurvivor_ids\x18\x01 \x03(\x03\x12\x13\n\x0b\x64ropped_ids\x18\x02 \x03(\x03"\xd6\x01\n\x0bSecAggReply\x12\x36\n\tdirectory\x18\x01 \x01(\x0b\x32!.distml.federated.SecAggDirectoryH\x00\x12\x36\n\tforwarded\x18\x02 \x01(\x0b\x32!.distml.federated.SecAggForwardedH\x00\x12?\n\x0eunmask_request\x18\x03 \x01(\x0b\x32%.distml.federated.SecAggUnmaskRequestH\x00\x12\x0e\n\x04\x64one\x18\x04 \x01(\x08H\x00\x42\x06\n\x04step*7\n\x08TaskKind\x12\x08\n\x04WAIT\x10\x00\x12\x07\n\x03\x46IT\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\n\n\x06\x46INISH\x10\x03\x32\xbe\x02\n\x11\x46\x65\x64\x65ratedLearning\x12\x42\n\x04Join\x12\x1d.distml.federated.JoinRequest\x1a\x1b.distml.federated.JoinReply\x12I\n\x07GetTask\x12\x1d.distml.federated.TaskRequest\x1a\x1d.distml.federated.TaskMessage0\x01\x12P\n\x0cSubmitResult\x12\x1f.distml.federated.ResultMessage\x1a\x1d.distml.federated.SubmitReply(\x01\x12H\n\x06SecAgg\x12\x1f.distml.federated.SecAggRequest\x1a\x1d.distml.federated.SecAggReplyb\x06proto3'
 )
 
 _globals = globals()
@@ -32,8 +32,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
     DESCRIPTOR._loaded_options = None
     _globals["_RESULTHEADER_METRICSENTRY"]._loaded_options = None
     _globals["_RESULTHEADER_METRICSENTRY"]._serialized_options = b"8\001"
-    _globals["_TASKKIND"]._serialized_start = 993
-    _globals["_TASKKIND"]._serialized_end = 1048
+    _globals["_TASKKIND"]._serialized_start = 1962
+    _globals["_TASKKIND"]._serialized_end = 2017
     _globals["_JOINREQUEST"]._serialized_start = 57
     _globals["_JOINREQUEST"]._serialized_end = 91
     _globals["_JOINREPLY"]._serialized_start = 94
@@ -52,6 +52,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
     _globals["_RESULTMESSAGE"]._serialized_end = 934
     _globals["_SUBMITREPLY"]._serialized_start = 936
     _globals["_SUBMITREPLY"]._serialized_end = 991
-    _globals["_FEDERATEDLEARNING"]._serialized_start = 1051
-    _globals["_FEDERATEDLEARNING"]._serialized_end = 1295
+    _globals["_SECAGGKEYS"]._serialized_start = 993
+    _globals["_SECAGGKEYS"]._serialized_end = 1054
+    _globals["_SECAGGSHARES"]._serialized_start = 1056
+    _globals["_SECAGGSHARES"]._serialized_end = 1114
+    _globals["_SECAGGMASKED"]._serialized_start = 1116
+    _globals["_SECAGGMASKED"]._serialized_end = 1144
+    _globals["_SECAGGUNMASK"]._serialized_start = 1146
+    _globals["_SECAGGUNMASK"]._serialized_end = 1248
+    _globals["_SECAGGREQUEST"]._serialized_start = 1251
+    _globals["_SECAGGREQUEST"]._serialized_end = 1508
+    _globals["_SECAGGDIRECTORY"]._serialized_start = 1510
+    _globals["_SECAGGDIRECTORY"]._serialized_end = 1617
+    _globals["_SECAGGFORWARDED"]._serialized_start = 1619
+    _globals["_SECAGGFORWARDED"]._serialized_end = 1677
+    _globals["_SECAGGUNMASKREQUEST"]._serialized_start = 1679
+    _globals["_SECAGGUNMASKREQUEST"]._serialized_end = 1743
+    _globals["_SECAGGREPLY"]._serialized_start = 1746
+    _globals["_SECAGGREPLY"]._serialized_end = 1960
+    _globals["_FEDERATEDLEARNING"]._serialized_start = 2020
+    _globals["_FEDERATEDLEARNING"]._serialized_end = 2338
 # @@protoc_insertion_point(module_scope)

@@ -4,7 +4,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -186,4 +186,134 @@ class SubmitReply(_message.Message):
     bytes_received: int
     def __init__(
         self, accepted: _Optional[bool] = ..., bytes_received: _Optional[int] = ...
+    ) -> None: ...
+
+class SecAggKeys(_message.Message):
+    __slots__ = ("enc_public_key", "mask_public_key")
+    ENC_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    enc_public_key: bytes
+    mask_public_key: bytes
+    def __init__(
+        self, enc_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...
+    ) -> None: ...
+
+class SecAggShares(_message.Message):
+    __slots__ = ("recipient_ids", "ciphertexts")
+    RECIPIENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    recipient_ids: _containers.RepeatedScalarFieldContainer[int]
+    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(
+        self,
+        recipient_ids: _Optional[_Iterable[int]] = ...,
+        ciphertexts: _Optional[_Iterable[bytes]] = ...,
+    ) -> None: ...
+
+class SecAggMasked(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class SecAggUnmask(_message.Message):
+    __slots__ = ("seed_owner_ids", "seed_shares", "key_owner_ids", "key_shares")
+    SEED_OWNER_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    KEY_OWNER_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    seed_owner_ids: _containers.RepeatedScalarFieldContainer[int]
+    seed_shares: _containers.RepeatedScalarFieldContainer[bytes]
+    key_owner_ids: _containers.RepeatedScalarFieldContainer[int]
+    key_shares: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(
+        self,
+        seed_owner_ids: _Optional[_Iterable[int]] = ...,
+        seed_shares: _Optional[_Iterable[bytes]] = ...,
+        key_owner_ids: _Optional[_Iterable[int]] = ...,
+        key_shares: _Optional[_Iterable[bytes]] = ...,
+    ) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("client_name", "task_id", "keys", "shares", "masked", "unmask")
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    MASKED_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
+    client_name: str
+    task_id: str
+    keys: SecAggKeys
+    shares: SecAggShares
+    masked: SecAggMasked
+    unmask: SecAggUnmask
+    def __init__(
+        self,
+        client_name: _Optional[str] = ...,
+        task_id: _Optional[str] = ...,
+        keys: _Optional[_Union[SecAggKeys, _Mapping]] = ...,
+        shares: _Optional[_Union[SecAggShares, _Mapping]] = ...,
+        masked: _Optional[_Union[SecAggMasked, _Mapping]] = ...,
+        unmask: _Optional[_Union[SecAggUnmask, _Mapping]] = ...,
+    ) -> None: ...
+
+class SecAggDirectory(_message.Message):
+    __slots__ = ("client_ids", "enc_public_keys", "mask_public_keys", "threshold")
+    CLIENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    ENC_PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    client_ids: _containers.RepeatedScalarFieldContainer[int]
+    enc_public_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    mask_public_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    threshold: int
+    def __init__(
+        self,
+        client_ids: _Optional[_Iterable[int]] = ...,
+        enc_public_keys: _Optional[_Iterable[bytes]] = ...,
+        mask_public_keys: _Optional[_Iterable[bytes]] = ...,
+        threshold: _Optional[int] = ...,
+    ) -> None: ...
+
+class SecAggForwarded(_message.Message):
+    __slots__ = ("sender_ids", "ciphertexts")
+    SENDER_IDS_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    sender_ids: _containers.RepeatedScalarFieldContainer[int]
+    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(
+        self,
+        sender_ids: _Optional[_Iterable[int]] = ...,
+        ciphertexts: _Optional[_Iterable[bytes]] = ...,
+    ) -> None: ...
+
+class SecAggUnmaskRequest(_message.Message):
+    __slots__ = ("survivor_ids", "dropped_ids")
+    SURVIVOR_IDS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_IDS_FIELD_NUMBER: _ClassVar[int]
+    survivor_ids: _containers.RepeatedScalarFieldContainer[int]
+    dropped_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(
+        self,
+        survivor_ids: _Optional[_Iterable[int]] = ...,
+        dropped_ids: _Optional[_Iterable[int]] = ...,
+    ) -> None: ...
+
+class SecAggReply(_message.Message):
+    __slots__ = ("directory", "forwarded", "unmask_request", "done")
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    directory: SecAggDirectory
+    forwarded: SecAggForwarded
+    unmask_request: SecAggUnmaskRequest
+    done: bool
+    def __init__(
+        self,
+        directory: _Optional[_Union[SecAggDirectory, _Mapping]] = ...,
+        forwarded: _Optional[_Union[SecAggForwarded, _Mapping]] = ...,
+        unmask_request: _Optional[_Union[SecAggUnmaskRequest, _Mapping]] = ...,
+        done: _Optional[bool] = ...,
     ) -> None: ...

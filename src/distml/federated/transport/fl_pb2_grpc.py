@@ -57,6 +57,12 @@ class FederatedLearningStub:
             response_deserializer=distml_dot_federated_dot_transport_dot_fl__pb2.SubmitReply.FromString,
             _registered_method=True,
         )
+        self.SecAgg = channel.unary_unary(
+            "/distml.federated.FederatedLearning/SecAgg",
+            request_serializer=distml_dot_federated_dot_transport_dot_fl__pb2.SecAggRequest.SerializeToString,
+            response_deserializer=distml_dot_federated_dot_transport_dot_fl__pb2.SecAggReply.FromString,
+            _registered_method=True,
+        )
 
 
 class FederatedLearningServicer:
@@ -80,6 +86,15 @@ class FederatedLearningServicer:
         context.set_details("Method not implemented!")
         raise NotImplementedError("Method not implemented!")
 
+    def SecAgg(self, request, context):
+        """Secure aggregation of a fit task (config secagg_threshold > 0): instead of
+        SubmitResult the client sends the four protocol steps in order; each call
+        returns when the server has closed that step for the whole round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
 
 def add_FederatedLearningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +112,11 @@ def add_FederatedLearningServicer_to_server(servicer, server):
             servicer.SubmitResult,
             request_deserializer=distml_dot_federated_dot_transport_dot_fl__pb2.ResultMessage.FromString,
             response_serializer=distml_dot_federated_dot_transport_dot_fl__pb2.SubmitReply.SerializeToString,
+        ),
+        "SecAgg": grpc.unary_unary_rpc_method_handler(
+            servicer.SecAgg,
+            request_deserializer=distml_dot_federated_dot_transport_dot_fl__pb2.SecAggRequest.FromString,
+            response_serializer=distml_dot_federated_dot_transport_dot_fl__pb2.SecAggReply.SerializeToString,
         ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -189,6 +209,36 @@ class FederatedLearning:
             "/distml.federated.FederatedLearning/SubmitResult",
             distml_dot_federated_dot_transport_dot_fl__pb2.ResultMessage.SerializeToString,
             distml_dot_federated_dot_transport_dot_fl__pb2.SubmitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True,
+        )
+
+    @staticmethod
+    def SecAgg(
+        request,
+        target,
+        options=(),
+        channel_credentials=None,
+        call_credentials=None,
+        insecure=False,
+        compression=None,
+        wait_for_ready=None,
+        timeout=None,
+        metadata=None,
+    ):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            "/distml.federated.FederatedLearning/SecAgg",
+            distml_dot_federated_dot_transport_dot_fl__pb2.SecAggRequest.SerializeToString,
+            distml_dot_federated_dot_transport_dot_fl__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,7 +11,11 @@ answer is skipped by later samples until it polls again, so a dead client
 costs one deadline, not one per round. After aggregation the server
 evaluates the model on its own test split, clients evaluate it on theirs,
 and the round is persisted (checkpoint, SQLite row, a line in metrics.jsonl)
-before the next one starts.
+before the next one starts. With ``secagg_threshold`` set, a fit phase
+collects no individual results: clients upload through the secure
+aggregation steps of :class:`~distml.federated.transport.secure_round.SecureFitRound`
+and the strategy gets the unmasked example-weighted mean (or, under DP, the
+sum of the clients' clipped updates).
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ from torch import nn
 
 from distml.errors import UserError, WorkerFailure
 from distml.federated.config import FederatedSection
-from distml.federated.parameters import Parameters, parameter_names
+from distml.federated.parameters import Parameters, parameter_names, unflatten
+from distml.federated.privacy import DifferentialPrivacy
+from distml.federated.secagg import SecAggError
 from distml.federated.simulation import evaluate
 from distml.federated.strategies import EvaluateResult, FitResult, Strategy, weighted_metrics
+from distml.federated.transport.secure_round import SecureFitRound
 from distml.federated.transport.store import ServerStore, load_strategy_state, strategy_state
 from distml.federated.transport.wire import encode_parameters, make_encoder, sha256_hex
 
@@ -85,6 +92,12 @@ class _Phase:
     results: dict[str, FitResult | EvaluateResult] = field(default_factory=dict)
     bytes_down: int = 0
     bytes_up: int = 0
+    secure: SecureFitRound | None = None
+
+
+#: Entries a client appends to its secure-aggregation vector after the weighted update:
+#: weight * train loss, example count, weight.
+SECURE_EXTRA = 3
 
 
 class RoundCoordinator:
@@ -204,6 +217,8 @@ class RoundCoordinator:
         """Ask the round loop to stop at once and release every long poll."""
         with self._cond:
             self._stopping = True
+            if self._phase is not None and self._phase.secure is not None:
+                self._phase.secure.stop()
             self._cond.notify_all()
 
     # -- the round loop --------------------------------------------------------
@@ -235,19 +250,31 @@ class RoundCoordinator:
         fit_config = self._fit_config(server_round)
         bytes_down = bytes_up = 0
         results: list[FitResult] = []
+        total, included = np.zeros(0), list[int]()
         sampled: list[str] = []
         attempts = 0
         for attempt in range(1, settings.max_round_retries + 2):
             attempts = attempt
             sampled = self._sample("fit", server_round, attempt)
-            phase = self._run_phase(
-                "fit", server_round, attempt, sampled, payload, codec, fit_config
-            )
-            bytes_down += phase.bytes_down
-            bytes_up += phase.bytes_up
-            results = [r for r in phase.results.values() if isinstance(r, FitResult)]
-            if len(results) >= strategy.min_fit_clients:
-                break
+            if settings.secagg_threshold:
+                secure, phase = self._secure_phase(
+                    server_round, attempt, sampled, payload, codec, fit_config
+                )
+                bytes_down += phase.bytes_down
+                bytes_up += phase.bytes_up
+                if secure is not None:
+                    total, included = secure
+                    break
+                results = []
+            else:
+                phase = self._run_phase(
+                    "fit", server_round, attempt, sampled, payload, codec, fit_config
+                )
+                bytes_down += phase.bytes_down
+                bytes_up += phase.bytes_up
+                results = [r for r in phase.results.values() if isinstance(r, FitResult)]
+                if len(results) >= strategy.min_fit_clients:
+                    break
             log.warning(
                 "round %d attempt %d: %d of %d sampled clients answered before the deadline, "
                 "%d needed%s",
@@ -264,18 +291,21 @@ class RoundCoordinator:
                 f"{strategy.min_fit_clients} clients answered within round_timeout_s="
                 f"{settings.round_timeout_s}; start more clients or raise the deadline"
             )
-        results.sort(key=lambda r: r.client_id)
-        self.params = strategy.aggregate_fit(server_round, results, self.params)
         record: dict[str, Any] = {
             "round": server_round,
             "attempts": attempts,
             "sampled": len(sampled),
-            "clients": sorted(self._name_of(r.client_id) for r in results),
-            "num_examples": sum(r.num_examples for r in results),
         }
-        record.update(
-            weighted_metrics([r.metrics for r in results], [r.num_examples for r in results])
-        )
+        if settings.secagg_threshold:
+            record.update(self._aggregate_secure(server_round, total, included))
+        else:
+            results.sort(key=lambda r: r.client_id)
+            self.params = strategy.aggregate_fit(server_round, results, self.params)
+            record["clients"] = sorted(self._name_of(r.client_id) for r in results)
+            record["num_examples"] = sum(r.num_examples for r in results)
+            record.update(
+                weighted_metrics([r.metrics for r in results], [r.num_examples for r in results])
+            )
         if settings.server_evaluate and self.test_data is not None:
             loss, acc = evaluate(self.eval_model, self.params, *self.test_data, names=self.names)
             record.update(test_loss=loss, test_accuracy=acc)
@@ -319,7 +349,82 @@ class RoundCoordinator:
             "error_feedback": s.error_feedback,
         }
         config.update(self.strategy.fit_config(server_round))
+        if s.secagg_threshold:
+            config["secagg_threshold"] = s.secagg_threshold
+            if isinstance(self.strategy, DifferentialPrivacy):
+                # The server never sees one update, so clients clip their own (and add no
+                # noise in central mode: the server noises the sum); DP weights uniformly.
+                config["secagg_weighting"] = "uniform"
+                config.setdefault("dp_clip_norm", self.strategy.clip_norm)
+                config.setdefault("dp_noise_multiplier", 0.0)
         return config
+
+    def _secure_phase(
+        self,
+        server_round: int,
+        attempt: int,
+        names: Sequence[str],
+        payload: bytes,
+        codec: str,
+        config: dict[str, Any],
+    ) -> tuple[tuple[np.ndarray, list[int]] | None, _Phase]:
+        """A fit phase whose results arrive only as a secure sum; None when it failed."""
+        with self._cond:
+            ids = [self._clients[n].id for n in names]
+        dim = sum(math.prod(shape) for shape in self.shapes) + SECURE_EXTRA
+        secure = SecureFitRound(ids, dim, self.settings.secagg_threshold)
+        first, later = self.settings.round_timeout_s, self.settings.secagg_timeout_s
+        phase = self._open_phase("fit", server_round, attempt, names, payload, codec, config)
+        phase.secure = secure
+        with self._cond:
+            self._phase = phase
+            self._cond.notify_all()
+        try:
+            outcome: tuple[np.ndarray, list[int]] | None = secure.run(
+                lambda step: first if step == 0 else later, lambda: self._stopping
+            )
+        except SecAggError as exc:
+            log.warning(
+                "round %d attempt %d: secure aggregation failed: %s", server_round, attempt, exc
+            )
+            outcome = None
+        finally:
+            secure.stop()
+            with self._cond:
+                self._phase = None
+                included = set(outcome[1]) if outcome is not None else set()
+                for name, client_id in zip(names, ids, strict=True):
+                    if client_id not in included:
+                        self._clients[name].missed = True
+        if self._stopping:
+            raise _Stopped
+        phase.bytes_up += secure.bytes_up
+        phase.bytes_down += secure.bytes_down
+        return outcome, phase
+
+    def _aggregate_secure(
+        self, server_round: int, total: np.ndarray, included: list[int]
+    ) -> dict[str, Any]:
+        """Apply a round's secure sum ``[sum w*update, sum w*loss, sum n, sum w]``."""
+        weight, examples = float(total[-1]), float(total[-2])
+        if weight <= 0:
+            raise SecAggError("secure sum carries no weight; clients sent empty updates")
+        flat = torch.from_numpy(total[:-SECURE_EXTRA])
+        if isinstance(self.strategy, DifferentialPrivacy):
+            summed = unflatten(flat, self.params)
+            self.params = self.strategy.aggregate_sum(
+                server_round, summed, len(included), self.params
+            )
+        else:
+            mean = unflatten(flat / weight, self.params)
+            result = FitResult(-1, mean, round(examples), is_update=True)
+            self.params = self.strategy.aggregate_fit(server_round, [result], self.params)
+        return {
+            "clients": sorted(self._name_of(c) for c in included),
+            "num_examples": round(examples),
+            "train_loss": float(total[-3]) / weight,
+            "secure_aggregation": True,
+        }
 
     def _global_payload(self) -> tuple[bytes, str]:
         codec = self.settings.download_codec
@@ -369,21 +474,8 @@ class RoundCoordinator:
         codec: str,
         config: dict[str, Any],
     ) -> _Phase:
-        sha = sha256_hex(payload)
-        tasks = {
-            n: Task(
-                f"{self.run_id}/{server_round}/{attempt}/{kind}/{n}",
-                kind,
-                server_round,
-                n,
-                config,
-                payload,
-                sha,
-                codec,
-            )
-            for n in names
-        }
-        phase = _Phase(tasks)
+        phase = self._open_phase(kind, server_round, attempt, names, payload, codec, config)
+        tasks = phase.tasks
         deadline = time.monotonic() + self.settings.round_timeout_s
         with self._cond:
             self._phase = phase
@@ -402,6 +494,42 @@ class RoundCoordinator:
                 if name not in phase.results:
                     self._clients[name].missed = True
         return phase
+
+    def _open_phase(
+        self,
+        kind: str,
+        server_round: int,
+        attempt: int,
+        names: Sequence[str],
+        payload: bytes,
+        codec: str,
+        config: dict[str, Any],
+    ) -> _Phase:
+        sha = sha256_hex(payload)
+        tasks = {
+            n: Task(
+                f"{self.run_id}/{server_round}/{attempt}/{kind}/{n}",
+                kind,
+                server_round,
+                n,
+                config,
+                payload,
+                sha,
+                codec,
+            )
+            for n in names
+        }
+        return _Phase(tasks)
+
+    def secure_round(self, task: Task) -> SecureFitRound:
+        """The secure aggregation of ``task``'s open phase, or :class:`StaleTask`."""
+        with self._cond:
+            phase = self._phase
+            if phase is None or phase.secure is None or phase.tasks.get(task.client) is not task:
+                raise StaleTask(
+                    f"task {task.task_id!r} has no open secure aggregation; poll GetTask again"
+                )
+            return phase.secure
 
     def _finish(self) -> None:
         """Tell every connected client to finish; wait (bounded) until they have heard it."""

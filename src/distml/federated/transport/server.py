@@ -38,7 +38,9 @@ from distml.config import Config
 from distml.errors import CheckpointError, ConfigError, UserError
 from distml.federated.config import FederatedSection
 from distml.federated.parameters import num_bytes
-from distml.federated.strategies import EvaluateResult, FitResult, build_strategy
+from distml.federated.privacy import DifferentialPrivacy
+from distml.federated.secagg import SecAggError
+from distml.federated.strategies import EvaluateResult, FitResult, Scaffold, Strategy
 from distml.federated.transport import fl_pb2, fl_pb2_grpc
 from distml.federated.transport.rounds import (
     WAIT,
@@ -47,6 +49,7 @@ from distml.federated.transport.rounds import (
     StaleTask,
     Task,
 )
+from distml.federated.transport.secure_round import as_message
 from distml.federated.transport.store import ServerStore
 from distml.federated.transport.wire import (
     UPLOAD_CODECS,
@@ -199,6 +202,32 @@ class FederatedServicer(fl_pb2_grpc.FederatedLearningServicer):
             context.abort(*status)
         return fl_pb2.SubmitReply(accepted=True, bytes_received=nbytes)
 
+    def SecAgg(self, request: Any, context: grpc.ServicerContext) -> Any:
+        name = self.auth.identify(context, request.client_name)
+        step = request.WhichOneof("step")
+        if step is None:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "a SecAgg request must carry one protocol step"
+            )
+        status: tuple[grpc.StatusCode, str] | None = None
+        try:
+            task = self.coordinator.open_task(name, request.task_id)
+            secure = self.coordinator.secure_round(task)
+            client_id = self.coordinator.client_id(name)
+            message = as_message(step, client_id, getattr(request, step))
+            remaining = context.time_remaining()
+            timeout = self.settings.round_timeout_s + 3 * self.settings.secagg_timeout_s
+            timeout = timeout if remaining is None else min(timeout, remaining)
+            reply = secure.submit(step, client_id, message, request.ByteSize(), timeout)
+        except (NotJoined, StaleTask, SecAggError) as exc:
+            status = (grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except UserError as exc:
+            status = (grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if status is not None:
+            log.warning("secure aggregation: rejected %s from %r: %s", step, name, status[1])
+            context.abort(*status)
+        return _secagg_reply(step, reply)
+
     def _read_fit(self, client_id: int, header: Any, rest: Iterator[Any]) -> tuple[FitResult, int]:
         if header.codec not in UPLOAD_CODECS:
             raise PayloadError(
@@ -226,6 +255,59 @@ class FederatedServicer(fl_pb2_grpc.FederatedLearningServicer):
         return EvaluateResult(
             client_id, float(header.loss), int(header.num_examples), _check_metrics(header.metrics)
         )
+
+
+def _secagg_reply(step: str, reply: Any) -> Any:
+    if step == "keys":
+        return fl_pb2.SecAggReply(
+            directory=fl_pb2.SecAggDirectory(
+                client_ids=reply.client_ids,
+                enc_public_keys=reply.enc_public_keys,
+                mask_public_keys=reply.mask_public_keys,
+                threshold=reply.threshold,
+            )
+        )
+    if step == "shares":
+        return fl_pb2.SecAggReply(
+            forwarded=fl_pb2.SecAggForwarded(
+                sender_ids=reply.sender_ids, ciphertexts=reply.ciphertexts
+            )
+        )
+    if step == "masked":
+        return fl_pb2.SecAggReply(
+            unmask_request=fl_pb2.SecAggUnmaskRequest(
+                survivor_ids=reply.survivor_ids, dropped_ids=reply.dropped_ids
+            )
+        )
+    return fl_pb2.SecAggReply(done=True)
+
+
+def build_server_strategy(settings: FederatedSection) -> Strategy:
+    """The configured strategy (with DP-FedAvg when ``dp_*`` is set), checked for secure mode."""
+    from distml.federated.api import strategy_from_settings
+
+    # Server noise must not be predictable from a config: a fresh seed per server start.
+    strategy = strategy_from_settings(settings, seed=secrets.randbits(62))
+    inner = strategy.strategy if isinstance(strategy, DifferentialPrivacy) else strategy
+    if isinstance(inner, Scaffold):
+        raise ConfigError(
+            "strategy 'scaffold' runs in simulation only (clients would have to keep control "
+            "variates across rounds); use distml fl simulate or another strategy"
+        )
+    threshold = settings.secagg_threshold
+    if threshold:
+        if not inner.linear_aggregation:
+            raise ConfigError(
+                f"strategy {inner.name!r} needs individual client updates, which "
+                "federated.secagg_threshold hides; use a FedAvg-family strategy or set it to 0"
+            )
+        if threshold < 2 or strategy.min_fit_clients < threshold:
+            raise ConfigError(
+                f"federated.secagg_threshold={threshold} needs 2 <= threshold <= "
+                f"min_fit_clients={strategy.min_fit_clients}; raise "
+                "strategy_options.min_fit_clients or lower the threshold"
+            )
+    return strategy
 
 
 def _check_count(num_examples: int) -> None:
@@ -289,7 +371,7 @@ class FederatedServer:
             except pydantic.ValidationError as exc:
                 raise ConfigError(str(exc.errors()[0]["msg"])) from None
         self.settings = settings
-        strategy = build_strategy(settings.strategy, **settings.strategy_options)
+        strategy = build_server_strategy(settings)
         self.auth = _Auth(load_tokens(settings))
         self._credentials = _server_credentials(settings)
         bundle = build_datasets(config.data, config.seed)

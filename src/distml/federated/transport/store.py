@@ -26,6 +26,7 @@ from safetensors.torch import save as st_save
 
 from distml.errors import CheckpointError
 from distml.federated.parameters import Parameters, parameters_from_bytes, parameters_to_bytes
+from distml.federated.privacy import RDPAccountant
 from distml.federated.strategies import Strategy
 from distml.federated.transport.wire import sha256_hex
 
@@ -77,13 +78,33 @@ def strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
         if isinstance(value, list) and value and all(isinstance(t, torch.Tensor) for t in value):
             for i, t in enumerate(value):
                 out[f"{attr}.{i}"] = t.detach().contiguous().cpu()
+    # A wrapper (DP-FedAvg) keeps its inner strategy's state and its privacy ledger.
+    inner = getattr(strategy, "strategy", None)
+    if isinstance(inner, Strategy):
+        out.update({f"inner/{k}": v for k, v in strategy_state(inner).items()})
+    accountant = getattr(strategy, "accountant", None)
+    if isinstance(accountant, RDPAccountant):
+        out["accountant/rdp"] = torch.from_numpy(accountant.rdp.copy())
+        out["accountant/steps"] = torch.tensor(accountant.steps)
     return out
 
 
 def load_strategy_state(strategy: Strategy, state: Mapping[str, torch.Tensor]) -> None:
     """Inverse of :func:`strategy_state`: set each saved tensor list back on ``strategy``."""
     lists: dict[str, dict[int, torch.Tensor]] = {}
+    inner = getattr(strategy, "strategy", None)
+    if isinstance(inner, Strategy):
+        prefix = "inner/"
+        load_strategy_state(
+            inner, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        )
+    accountant = getattr(strategy, "accountant", None)
+    if isinstance(accountant, RDPAccountant) and "accountant/rdp" in state:
+        accountant.rdp = state["accountant/rdp"].double().numpy().copy()
+        accountant.steps = int(state["accountant/steps"])
     for key, tensor in state.items():
+        if "/" in key:
+            continue
         attr, _, index = key.rpartition(".")
         lists.setdefault(attr, {})[int(index)] = tensor
     for attr, items in lists.items():
