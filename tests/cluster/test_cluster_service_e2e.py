@@ -33,7 +33,7 @@ from distml.testing import free_port
 
 pytestmark = pytest.mark.slow
 
-STEPS = 1200  # longest job; references are computed once per seed for this many steps
+STEPS = 3000  # longest job (references computed once per seed): long enough to outlast a slice
 CONFIG = f"""\
 name: tiny
 model: {{name: mlp, args: {{in_features: 8, hidden: [64]}}}}

@@ -50,6 +50,14 @@ class SimResult:
     (a packed slot counts once) over GPUs x makespan. ``preemptions`` counts
     suspensions (including unpacking to the queue), ``migrations`` moves
     (including unpacking to a free GPU), ``resizes`` grows and shrinks.
+
+    Over the whole makespan every policy that ends at the same time has the same
+    utilization (the trace's work is fixed), so the ``contended_*`` metrics look
+    only at the time when some job waits for GPUs -- when a scheduler can make a
+    difference: ``contended_utilization`` is the busy fraction of GPUs then, and
+    ``contended_useful_utilization`` the fraction doing useful work (per-job GPU
+    utilization x speed, see :class:`CostModel`). ``useful_utilization`` is the
+    latter over the whole makespan.
     """
 
     policy: str
@@ -61,6 +69,10 @@ class SimResult:
     p99_jct: float
     makespan: float
     utilization: float
+    useful_utilization: float
+    contended_time: float
+    contended_utilization: float
+    contended_useful_utilization: float
     avg_queueing_delay: float
     avg_waiting_time: float
     preemptions: int
@@ -134,8 +146,14 @@ class Simulator:
         self.observer = observer
         self.clock = SimulatedClock(self.jobs[0].submit_time if self.jobs else 0.0)
         self.state = ClusterState(gpus // gpus_per_node, gpus_per_node, self.clock)
-        speed = self.costs.packing_speed
-        self.state.packing_estimator = lambda a, b: (speed, speed)
+        self._util: dict[int, float] = {}
+        # Sum of u x GPUs x speed over jobs computing now (stalled ones join at stall end).
+        self._useful_rate = 0.0
+        self._useful_of: dict[int, float] = {}
+        self._stall_ends: list[tuple[float, int, int, float]] = []
+        self.state.packing_estimator = lambda a, b: self.costs.packed_speeds(
+            self._util[a.job_id], self._util[b.job_id]
+        )
         self._progress: dict[int, _Progress] = {}
         self._events: list[tuple[float, int, int, int]] = []
         self._last_mark: tuple[int, float] = (-1, -1.0)
@@ -147,6 +165,8 @@ class Simulator:
         started = time.perf_counter()
         state, events = self.state, self._events
         busy_area, last = 0.0, self.clock.now()
+        # contended seconds, busy GPU-seconds then, useful GPU-seconds then, useful in all
+        contended = [0.0, 0.0, 0.0, 0.0]
         next_wake = math.inf
         index, total = 0, len(self.jobs)
         while True:
@@ -157,6 +177,12 @@ class Simulator:
             if now == math.inf:
                 break
             busy_area += state.busy_gpus * (now - last)
+            useful = self._useful_between(last, now)
+            contended[3] += useful
+            if state.num_waiting and now > last:
+                contended[0] += now - last
+                contended[1] += state.busy_gpus * (now - last)
+                contended[2] += useful
             last = now
             self.clock.advance_to(now)
             while index < total and self.jobs[index].submit_time <= now:
@@ -184,7 +210,7 @@ class Simulator:
                 f"policy '{self.policy.name}' left {len(left)} job(s) waiting with nothing "
                 f"running (first: job {left[0].job_id} needing {left[0].num_gpus} GPUs)"
             )
-        return self._result(busy_area, time.perf_counter() - started)
+        return self._result(busy_area, contended, time.perf_counter() - started)
 
     # ------------------------------------------------------------- internals
     def _check_progress(self, now: float) -> None:
@@ -200,6 +226,26 @@ class Simulator:
             )
         self._last_mark = mark
 
+    def _useful_between(self, start: float, end: float) -> float:
+        """Useful GPU-seconds computed in [start, end]; stalls ending inside start then."""
+        total, t, heap = 0.0, start, self._stall_ends
+        while heap and heap[0][0] <= end:
+            at, job_id, version, rate = heapq.heappop(heap)
+            if self._progress[job_id].version != version:
+                continue  # the job changed again before its stall ended
+            at = max(at, t)
+            total += self._useful_rate * (at - t)
+            t = at
+            self._set_useful_rate(job_id, rate)
+        return total + self._useful_rate * (end - t)
+
+    def _set_useful_rate(self, job_id: int, rate: float) -> None:
+        self._useful_rate += rate - self._useful_of.pop(job_id, 0.0)
+        if rate > 0.0:
+            self._useful_of[job_id] = rate
+        elif not self._useful_of:
+            self._useful_rate = 0.0  # drop float drift whenever the cluster is idle
+
     def _stale(self, event: tuple[float, int, int, int]) -> bool:
         _, kind, job_id, version = event
         return kind == _COMPLETION and self._progress[job_id].version != version
@@ -209,6 +255,7 @@ class Simulator:
             spec.job_id, spec.submit_time, spec.num_gpus, spec.min_gpus, spec.max_gpus
         )
         self._progress[spec.job_id] = _Progress(spec.duration, spec.num_gpus)
+        self._util[spec.job_id] = self.costs.job_gpu_util(spec.job_id)
 
     def _round(self, now: float) -> None:
         decisions = self.policy.schedule(self.state, now)
@@ -266,14 +313,25 @@ class Simulator:
         job = self.state.jobs[job_id]
         if job.status is not JobStatus.RUNNING:
             progress.rate = 0.0
+            self._set_useful_rate(job_id, 0.0)
             return
         efficiency = 1.0
         if nodes_spanned(job.placement) > min_nodes(job.size, self.state.gpus_per_node):
             efficiency *= self.costs.split_speed
-        if len(job.placement) == 1 and len(self.state.occupants(job.placement[0])) > 1:
-            efficiency *= self.costs.packing_speed
+        if len(job.placement) == 1:
+            mates = [m for m in self.state.occupants(job.placement[0]) if m != job_id]
+            if mates:
+                util = self._util
+                efficiency *= self.costs.packed_speeds(util[job_id], util[mates[0]])[0]
         self.state.set_throughput(job_id, efficiency, now)
         progress.rate = efficiency * job.size / progress.num_gpus
+        useful = self._util[job_id] * progress.num_gpus * progress.rate
+        if progress.stall_until > now:
+            self._set_useful_rate(job_id, 0.0)
+            entry = (progress.stall_until, job_id, progress.version, useful)
+            heapq.heappush(self._stall_ends, entry)
+        else:
+            self._set_useful_rate(job_id, useful)
         begin = max(now, progress.stall_until)
         finish = begin + max(0.0, progress.duration - progress.done) / progress.rate
         heapq.heappush(self._events, (finish, _COMPLETION, job_id, progress.version))
@@ -290,11 +348,12 @@ class Simulator:
             self._progress[mate].settle(now)
         progress.rate = 0.0
         progress.version += 1
+        self._set_useful_rate(job_id, 0.0)
         self.state.finish(job_id, now)
         for mate in mates:
             self._refresh(mate, now)
 
-    def _result(self, busy_area: float, wall: float) -> SimResult:
+    def _result(self, busy_area: float, contended: list[float], wall: float) -> SimResult:
         jobs = [self.state.jobs[spec.job_id] for spec in self.jobs]
         jcts = [(j.finish_time or 0.0) - j.submit_time for j in jobs]
         queueing = [(j.start_time or 0.0) - j.submit_time for j in jobs]
@@ -302,6 +361,8 @@ class Simulator:
         first = min((j.submit_time for j in jobs), default=0.0)
         makespan = max((j.finish_time or 0.0 for j in jobs), default=first) - first
         capacity = self.state.total_gpus * makespan
+        seconds, busy, useful_contended, useful = contended
+        contended_capacity = self.state.total_gpus * seconds
         return SimResult(
             policy=self.policy.name,
             num_jobs=len(jobs),
@@ -312,6 +373,12 @@ class Simulator:
             p99_jct=_percentile(jcts, 99),
             makespan=makespan,
             utilization=busy_area / capacity if capacity > 0 else 0.0,
+            useful_utilization=useful / capacity if capacity > 0 else 0.0,
+            contended_time=seconds,
+            contended_utilization=busy / contended_capacity if seconds > 0 else 0.0,
+            contended_useful_utilization=(
+                useful_contended / contended_capacity if seconds > 0 else 0.0
+            ),
             avg_queueing_delay=_mean(queueing),
             avg_waiting_time=_mean(waiting),
             wall_seconds=wall,
@@ -418,6 +485,8 @@ def format_table(summaries: Mapping[str, Mapping[str, float | int | str]]) -> st
         ("p99_jct", "p99 JCT h", 3600.0),
         ("makespan", "makespan h", 3600.0),
         ("utilization", "util", 1.0),
+        ("contended_utilization", "util queued", 1.0),
+        ("contended_useful_utilization", "useful queued", 1.0),
         ("avg_queueing_delay", "avg queue h", 3600.0),
         ("preemptions", "preempt", 1.0),
         ("migrations", "migrate", 1.0),
@@ -429,7 +498,8 @@ def format_table(summaries: Mapping[str, Mapping[str, float | int | str]]) -> st
         row = [name]
         for key, _, scale in columns:
             value = float(summary[key]) / scale
-            row.append(f"{value:.3f}" if scale != 1.0 or key == "utilization" else f"{value:.0f}")
+            fraction = "utilization" in key
+            row.append(f"{value:.3f}" if scale != 1.0 or fraction else f"{value:.0f}")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
