@@ -75,6 +75,21 @@ def bert_ckpt(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Pa
     return _train(tmp_path_factory.mktemp("serve-bert"), "bert", {"model": model, "data": data})
 
 
+@pytest.fixture(scope="session")
+def gpt_tp_ckpt(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
+    """A GPT whose vocabulary (padded to 32) splits over 2 tensor-parallel ranks."""
+    model = {"name": "gpt", "args": {"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 32}}
+    data = {"name": "text", "path": str(corpus_file), "seq_len": 32, "global_batch_size": 16}
+    return _train(tmp_path_factory.mktemp("serve-gpt-tp"), "gpt", {"model": model, "data": data})
+
+
+@pytest.fixture(scope="session")
+def bert_tp_ckpt(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
+    model = {"name": "bert", "args": {"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 32}}
+    data = {"name": "text", "path": str(corpus_file), "seq_len": 32, "global_batch_size": 16}
+    return _train(tmp_path_factory.mktemp("serve-bert-tp"), "bert", {"model": model, "data": data})
+
+
 class LiveServer:
     def __init__(self, app: Any) -> None:
         self.app = app

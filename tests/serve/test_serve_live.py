@@ -103,7 +103,7 @@ def test_graceful_shutdown_finishes_requests_in_flight(
 ) -> None:
     app = build_app(str(gpt_ckpt), replicas=0, max_new_tokens=400)
     server = live_server(app)
-    pool = app.state.service.pool
+    service = app.state.service
 
     def generate(seed: int) -> tuple[int, int]:
         with httpx.Client(base_url=server.url, timeout=60) as client:
@@ -115,7 +115,7 @@ def test_graceful_shutdown_finishes_requests_in_flight(
     with ThreadPoolExecutor(3) as executor:
         futures = [executor.submit(generate, seed) for seed in range(3)]
         # All three reached the server (queued or running) before the shutdown begins.
-        _wait_for(lambda: pool.load() == 3, 30, "requests in flight")
+        _wait_for(lambda: service.active_requests == 3, 30, "requests in flight")
         stopper = threading.Thread(target=server.stop)
         stopper.start()
         results = [f.result(timeout=60) for f in futures]

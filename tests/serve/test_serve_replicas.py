@@ -48,7 +48,10 @@ def _reference(path: Path, prompt: str, n: int, seed: int) -> list[int]:
 def test_a_killed_replica_is_replaced_and_no_request_hangs(
     gpt_ckpt: Path, live_server: Callable[[Any], Any]
 ) -> None:
-    app = build_app(str(gpt_ckpt), replicas=2, max_new_tokens=400, request_timeout_s=60)
+    # Generation requests are batched: a cap of 3 rows spreads the 6 over both replicas.
+    app = build_app(
+        str(gpt_ckpt), replicas=2, max_new_tokens=400, request_timeout_s=60, max_batch_size=3
+    )
     server = live_server(app)
     pool = app.state.service.pool
     victim = pool.pids()[0]
@@ -63,7 +66,7 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(
     start = time.monotonic()
     with ThreadPoolExecutor(6) as executor:
         futures = [executor.submit(generate, seed) for seed in range(6)]
-        _wait_for(lambda: pool.load() >= 4, 60, "jobs on both replicas")
+        _wait_for(lambda: pool.busy_count() == 2, 60, "jobs on both replicas")
         os.kill(victim, signal.SIGKILL)
         results = [f.result(timeout=90) for f in futures]
     assert time.monotonic() - start < 90

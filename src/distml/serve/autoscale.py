@@ -1,10 +1,10 @@
 """Autoscaling of the replica pool on load, with hysteresis delays.
 
-The load is the number of requests waiting or running (batcher queue plus
-pool jobs) per serving replica. Above ``scale_up_load`` for a full
-``upscale_delay_s`` the pool grows by one replica; below ``scale_down_load``
-for ``downscale_delay_s`` it shrinks by one, always within
-``[min_replicas, max_replicas]``. Each decision is logged and counted in the
+The load is the number of ongoing HTTP requests (queued, in a batch or
+running; a batch of many requests counts as many) per serving replica. Above
+``scale_up_load`` for a full ``upscale_delay_s`` the pool grows by one
+replica; below ``scale_down_load`` for ``downscale_delay_s`` it shrinks by
+one, always within ``[min_replicas, max_replicas]``. Each decision is logged and counted in the
 ``distml_serve_scaling_events`` metric. :meth:`Autoscaler.step` is the whole
 policy and takes the clock as an argument, so it is tested without sleeping.
 """

@@ -18,13 +18,20 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from prometheus_client import Gauge
 
 from distml.serve.metrics import ServeMetrics
 from distml.serve.pool import JobFailed
 
 RunBatch = Callable[[str, list[np.ndarray]], Awaitable[list[np.ndarray]]]
+#: (job params, arrays, on_frame) -> result arrays; on_frame gets each streamed frame.
+RunGenerate = Callable[
+    [dict[str, Any], list[np.ndarray], Callable[[dict[str, Any]], None]],
+    Awaitable[list[np.ndarray]],
+]
 
 
 class FixedBatchCap:
@@ -78,6 +85,8 @@ class _Item:
     rows: list[np.ndarray]
     future: asyncio.Future[list[np.ndarray]]
     arrived: float = field(default_factory=time.monotonic)
+    #: Per-request data a subclass's batches need besides the rows (e.g. sampling params).
+    extra: Any = None
 
 
 def assemble(kind: str, rows: list[np.ndarray]) -> list[np.ndarray]:
@@ -117,6 +126,9 @@ class DynamicBatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._closing = False
         self._loop_task: asyncio.Task[None] | None = None
+        self._size_metric = metrics.batch_size
+        self._latency_metric = metrics.batch_latency
+        self._cap_metric: Gauge | None = metrics.batch_cap
         metrics.batch_cap.set(cap.value)
 
     def start(self) -> None:
@@ -127,12 +139,18 @@ class DynamicBatcher:
 
     async def submit(self, kind: str, rows: list[np.ndarray]) -> list[np.ndarray]:
         """Queue ``rows`` and wait for their outputs (cancel the await to give up)."""
+        return await self.enqueue(kind, rows)
+
+    def enqueue(
+        self, kind: str, rows: list[np.ndarray], extra: Any = None
+    ) -> asyncio.Future[list[np.ndarray]]:
+        """Queue ``rows`` now; the returned future gets their outputs (cancel it to give up)."""
         if self._closing:
             raise JobFailed(503, "server is shutting down")
         future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(kind, rows, future))
+        self._queue.append(_Item(kind, rows, future, extra=extra))
         self._wake.set()
-        return await future
+        return future
 
     async def close(self) -> None:
         """Stop taking requests, run everything queued, wait for batches in flight."""
@@ -192,25 +210,88 @@ class DynamicBatcher:
         self._inflight.discard(task)
         self._wake.set()
 
-    async def _execute(self, kind: str, items: list[_Item]) -> None:
+    async def _outputs(self, kind: str, items: list[_Item]) -> list[np.ndarray]:
+        """One output per row of ``items``, in order (subclasses run other job kinds)."""
         rows = [row for item in items for row in item.rows]
-        self.metrics.batch_size.observe(len(rows))
+        output = await self._run_batch(kind, assemble(kind, rows))
+        return split(kind, output[0], rows)
+
+    async def _execute(self, kind: str, items: list[_Item]) -> None:
+        self._size_metric.observe(sum(len(item.rows) for item in items))
         start = time.monotonic()
         try:
-            output = await self._run_batch(kind, assemble(kind, rows))
+            outputs = await self._outputs(kind, items)
         except Exception as exc:
             for item in items:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
         elapsed = time.monotonic() - start
-        self.metrics.batch_latency.observe(elapsed)
+        self._latency_metric.observe(elapsed)
         self.cap.observe(elapsed)
-        self.metrics.batch_cap.set(self.cap.value)
-        outputs = split(kind, output[0], rows)
+        if self._cap_metric is not None:
+            self._cap_metric.set(self.cap.value)
         at = 0
         for item in items:
             mine = outputs[at : at + len(item.rows)]
             at += len(item.rows)
             if not item.future.done():
                 item.future.set_result(mine)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What one /v1/generate caller adds to a generation batch besides its prompt."""
+
+    params: dict[str, Any]
+    #: Called from a pool thread with each token of a streamed request.
+    on_token: Callable[[int], None] | None = None
+
+
+class GenerationBatcher(DynamicBatcher):
+    """Batches generation requests (one prompt each) into one batched ``generate`` job.
+
+    Prompts are right-padded into one array; each row keeps its own sampling
+    parameters and the replica decodes the rows together (see
+    :mod:`distml.serve.generation`). Streamed tokens come back tagged with
+    their row and are handed to that request's ``on_token``. The cap is
+    fixed: generation batches take much longer than predictions, so they
+    neither feed nor report the adaptive cap, and they have their own metrics.
+    """
+
+    def __init__(
+        self,
+        run_generate: RunGenerate,
+        max_size: int,
+        max_delay_s: float,
+        max_inflight: Callable[[], int],
+        metrics: ServeMetrics,
+    ) -> None:
+        super().__init__(_no_batch, FixedBatchCap(max_size), max_delay_s, max_inflight, metrics)
+        self._run_generate = run_generate
+        self._size_metric = metrics.generate_batch_size
+        self._latency_metric = metrics.generate_batch_latency
+        self._cap_metric = None
+
+    def enqueue_prompt(
+        self, prompt: np.ndarray, request: GenerateRequest
+    ) -> asyncio.Future[list[np.ndarray]]:
+        """Queue one prompt; the future gets ``[new_tokens]``."""
+        return self.enqueue("generate", [prompt], request)
+
+    async def _outputs(self, kind: str, items: list[_Item]) -> list[np.ndarray]:
+        requests: list[GenerateRequest] = [item.extra for item in items]
+        rows = [item.rows[0] for item in items]
+        params = {"rows": [{**r.params, "stream": r.on_token is not None} for r in requests]}
+
+        def on_frame(message: dict[str, Any]) -> None:
+            callback = requests[int(message["row"])].on_token
+            if callback is not None:
+                callback(int(message["token"]))
+
+        out = await self._run_generate(params, assemble("tokens", rows), on_frame)
+        return [out[0][i, : int(r.params["max_new_tokens"])] for i, r in enumerate(requests)]
+
+
+async def _no_batch(kind: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    raise AssertionError("GenerationBatcher runs batches through run_generate")

@@ -3,9 +3,9 @@
 Each app gets a private :class:`prometheus_client.CollectorRegistry`, so several
 servers (or tests) in one process never collide. The series are what an
 operator needs to size a deployment: requests by endpoint and status, request
-latency, rows per executed batch and batch latency, the batch-size cap the
-adaptive batcher chose, queue depth, ready and target replicas, replica
-restarts and autoscaling events.
+latency, rows per executed batch and batch latency (predictions and generation
+apart), the batch-size cap the adaptive batcher chose, queue depth, ready and
+target replicas, replica restarts and autoscaling events.
 """
 
 from __future__ import annotations
@@ -54,6 +54,18 @@ class ServeMetrics:
             "distml_serve_batch_latency_seconds",
             "dispatch-to-result time of a batch",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generate_batch_size = Histogram(
+            "distml_serve_generate_batch_size",
+            "generation requests decoded together per batch",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.generate_batch_latency = Histogram(
+            "distml_serve_generate_batch_latency_seconds",
+            "dispatch-to-result time of a generation batch",
+            buckets=(*_LATENCY_BUCKETS, 30.0, 60.0),
             registry=r,
         )
         self.batch_cap = Gauge(

@@ -82,6 +82,19 @@ class ReplicaPool:
         s = self.settings
         if s.replicas == 0:
             return ThreadReplica(index, self, self.model_path, s.device, s.threads_per_replica)
+        if s.model_parallel:
+            from distml.serve.model_parallel import GroupReplica
+
+            return GroupReplica(
+                index,
+                self,
+                self.model_path,
+                s.threads_per_replica,
+                s.tp,
+                s.pp,
+                s.microbatches,
+                s.max_batch_size,
+            )
         return ProcessReplica(index, self, self.model_path, s.device, s.threads_per_replica)
 
     def start(self) -> None:
@@ -140,6 +153,16 @@ class ReplicaPool:
         """Jobs waiting for a replica plus jobs in flight."""
         with self._lock:
             return len(self._pending) + sum(len(r.inflight) for r in self._replicas)
+
+    def replica_list(self) -> list[Replica]:
+        """A snapshot of the replicas (any state)."""
+        with self._lock:
+            return list(self._replicas)
+
+    def busy_count(self) -> int:
+        """Replicas with at least one job in flight."""
+        with self._lock:
+            return sum(bool(r.inflight) for r in self._replicas)
 
     def pending_count(self) -> int:
         with self._lock:

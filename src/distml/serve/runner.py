@@ -5,7 +5,9 @@
 quantized file) and executes the three job kinds the server sends: ``classify``
 (a float batch), ``tokens`` (right-padded token ids plus their lengths; the
 masked-LM encoder gets an attention mask so padding changes nothing) and
-``generate`` (one prompt, tokens emitted one at a time for streaming). Jobs
+``generate`` (a batch of right-padded prompts with per-row sampling
+parameters, decoded together by :func:`~distml.serve.generation.generate_batch`;
+streamed rows emit each token as it is chosen). Jobs
 and results are plain numpy arrays so they can cross a process pipe.
 """
 
@@ -22,6 +24,7 @@ from distml.errors import UserError
 from distml.inference.predict import load_for_inference
 from distml.inference.quantize import is_quantized_file
 from distml.memory import read_quantized_metadata
+from distml.serve.generation import SamplingParams, generate_batch
 from distml.train.checkpoint import load_checkpoint
 
 TASKS = ("classification", "causal_lm", "masked_lm")
@@ -60,7 +63,11 @@ def tokenizer_from_meta(meta: dict[str, Any]) -> Tokenizer | None:
 
 
 class ModelRunner:
-    """A loaded model plus the code to run each kind of job on it."""
+    """A loaded model plus the code to run each kind of job on it.
+
+    Token models are reached only through :meth:`forward_tokens`, which a
+    model-parallel runner overrides to run the forward on its process group.
+    """
 
     def __init__(self, model_path: str, device: str = "cpu") -> None:
         self.device = torch.device(device)
@@ -68,6 +75,20 @@ class ModelRunner:
         self.meta = {k: meta[k] for k in META_KEYS}
         self.model = model.eval()
         self.task = str(self.meta["task"])
+
+    def forward_tokens(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Logits of right-padded token rows (each row valid up to its length)."""
+        if self.task == "masked_lm":
+            mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+            out: torch.Tensor = self.model(ids, attention_mask=mask.long())
+            return out
+        # Causal attention: right padding cannot influence earlier positions.
+        logits: torch.Tensor = self.model(ids)
+        return logits
+
+    def causal_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        full = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
+        return self.forward_tokens(ids, full)
 
     @torch.no_grad()
     def run(
@@ -83,33 +104,35 @@ class ModelRunner:
         if kind == "tokens":
             ids = torch.from_numpy(arrays[0]).to(self.device)
             lengths = torch.from_numpy(arrays[1]).to(self.device)
-            if self.task == "masked_lm":
-                mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]
-                logits = self.model(ids, attention_mask=mask.long())
-            else:
-                # Causal attention: right padding cannot influence earlier positions.
-                logits = self.model(ids)
-            return {}, [logits.float().cpu().numpy()]
+            return {}, [self.forward_tokens(ids, lengths).float().cpu().numpy()]
         if kind == "generate":
-            return self._generate(message, arrays[0], emit)
+            return self._generate(message, arrays, emit)
         raise ValueError(f"unknown job kind {kind!r}")
 
     def _generate(
-        self, message: dict[str, Any], prompt: np.ndarray, emit: Emit | None
+        self, message: dict[str, Any], arrays: list[np.ndarray], emit: Emit | None
     ) -> tuple[dict[str, Any], list[np.ndarray]]:
-        generate = getattr(self.model, "generate", None)
-        if generate is None:
+        """A batch of prompts (right-padded ids, lengths) and per-row sampling parameters."""
+        if self.task != "causal_lm":
             raise UserError(f"model {self.meta['model_name']!r} cannot generate text")
-        generator = None
-        if message.get("seed") is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(message["seed"]))
-        idx = torch.from_numpy(prompt).to(self.device).view(1, -1)
-        new: list[int] = []
-        for _ in range(int(message["max_new_tokens"])):
-            # One step at a time with a persistent generator equals one generate(n) call.
-            idx = generate(idx, 1, float(message["temperature"]), message.get("top_k"), generator)
-            token = int(idx[0, -1])
-            new.append(token)
-            if emit is not None and message.get("stream"):
-                emit({"token": token}, [])
-        return {}, [np.asarray(new, dtype=np.int64)]
+        ids, lengths = arrays
+        rows: list[dict[str, Any]] = message["rows"]
+        prompts = [torch.from_numpy(ids[i, : int(n)]) for i, n in enumerate(lengths)]
+        params = [
+            SamplingParams(
+                int(r["max_new_tokens"]), float(r["temperature"]), r.get("top_k"), r.get("seed")
+            )
+            for r in rows
+        ]
+        streaming = {i for i, r in enumerate(rows) if r.get("stream")}
+
+        def on_token(row: int, token: int) -> None:
+            if emit is not None and row in streaming:
+                emit({"row": row, "token": token}, [])
+
+        block = int(self.meta["model_args"].get("block_size", ids.shape[1]))
+        new = generate_batch(self.causal_logits, prompts, params, block, on_token, self.device)
+        out = np.full((len(new), max(len(t) for t in new)), -1, dtype=np.int64)
+        for i, tokens in enumerate(new):
+            out[i, : len(tokens)] = tokens
+        return {}, [out]

@@ -1,8 +1,9 @@
 """The knobs of a model server, validated once, with the defaults ``distml serve`` uses.
 
 One frozen dataclass holds batching (size cap, delay, the adaptive AIMD
-target), replicas and autoscaling bounds, and the robustness limits (body
-size, request timeout, bearer token). :func:`make_settings` applies keyword
+target), replicas and autoscaling bounds, model parallelism inside a replica
+(``tp``, ``pp``), and the robustness limits (body size, request timeout,
+bearer token). :func:`make_settings` applies keyword
 overrides and turns every bad value into one :class:`~distml.errors.UserError`
 line naming the option and the fix.
 """
@@ -23,7 +24,7 @@ class ServeSettings:
     #: Autoscaling bounds; both None keeps ``replicas`` fixed.
     min_replicas: int | None = None
     max_replicas: int | None = None
-    #: Queued plus in-flight jobs per ready replica above which to add one.
+    #: Ongoing requests (queued, batched or running) per serving replica above which to add one.
     scale_up_load: float = 2.0
     #: ... and below which to remove one.
     scale_down_load: float = 0.25
@@ -45,6 +46,11 @@ class ServeSettings:
     startup_timeout_s: float = 120.0
     device: str = "cpu"
     threads_per_replica: int = 1
+    #: Model parallelism inside each replica: tp x pp processes in one gloo group.
+    tp: int = 1
+    pp: int = 1
+    #: Micro-batches per pipelined forward (pp > 1).
+    microbatches: int = 2
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -61,6 +67,16 @@ class ServeSettings:
         need(self.threads_per_replica >= 1, "threads_per_replica must be >= 1")
         need(self.device in ("cpu", "cuda"), f"device={self.device!r}: use cpu or cuda")
         need(self.token is None or len(self.token) > 0, "token must be non-empty (or None)")
+        need(self.tp >= 1 and self.pp >= 1, f"tp={self.tp} and pp={self.pp} must be >= 1")
+        need(self.microbatches >= 1, f"microbatches={self.microbatches} must be >= 1")
+        need(
+            not self.model_parallel or self.replicas >= 1,
+            "model-parallel serving (tp or pp > 1) runs process groups: set replicas >= 1",
+        )
+        need(
+            not self.model_parallel or self.device == "cpu",
+            "model-parallel serving runs on cpu (gloo) for now; use device=cpu",
+        )
         if self.autoscaling:
             lo, hi = self.replica_bounds
             need(
@@ -76,6 +92,10 @@ class ServeSettings:
                 self.scale_down_load < self.scale_up_load,
                 "scale_down_load must be below scale_up_load",
             )
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.tp * self.pp > 1
 
     @property
     def autoscaling(self) -> bool:
