@@ -268,6 +268,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.duration = 1, 4.0
+    # SIGTERM unwinds like Ctrl-C, so the servers' `finally` blocks stop them.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     report = {"benchmark": "serve_load", "command": command_line(), "machine": machine_info()}
     report["settings"] = {"configs": CONFIGS, **vars(args)}
     report.update(run(args))

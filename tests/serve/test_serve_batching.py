@@ -36,8 +36,12 @@ class FakeModel:
         return [np.where(pos < lengths[:, None], ids, -1).astype(np.float32)[..., None]]
 
 
-def _batcher(model: FakeModel, cap: int, delay_s: float, inflight: int = 4) -> DynamicBatcher:
-    batcher = DynamicBatcher(model, FixedBatchCap(cap), delay_s, lambda: inflight, ServeMetrics())
+def _batcher(
+    model: FakeModel, cap: int, delay_s: float, inflight: int = 4, wait_when_idle: bool = True
+) -> DynamicBatcher:
+    batcher = DynamicBatcher(
+        model, FixedBatchCap(cap), delay_s, lambda: inflight, ServeMetrics(), wait_when_idle
+    )
     batcher.start()
     return batcher
 
@@ -210,3 +214,23 @@ def test_bad_settings_name_the_option(options: dict[str, object], message: str) 
     with pytest.raises(UserError) as info:
         ServeSettings(**options)  # type: ignore[arg-type]
     assert message in str(info.value)
+
+
+def test_an_idle_batcher_runs_a_lone_request_at_once_and_batches_while_busy() -> None:
+    async def main() -> tuple[float, list[int]]:
+        model = FakeModel(delay_s=0.3)
+        batcher = _batcher(model, cap=64, delay_s=5.0, inflight=2, wait_when_idle=False)
+        start = time.monotonic()
+        await batcher.submit("classify", [np.zeros(1, np.float32)])
+        lone = time.monotonic() - start  # no 5 s wait: nothing was running
+        first = asyncio.ensure_future(batcher.submit("classify", [np.zeros(1, np.float32)]))
+        await asyncio.sleep(0.05)  # the first batch is now running
+        rest = [batcher.submit("classify", [np.zeros(1, np.float32)]) for _ in range(5)]
+        await asyncio.gather(first, *rest)
+        await batcher.close()
+        return lone, [len(b[0]) for b in model.batches]
+
+    lone, sizes = asyncio.run(main())
+    assert lone < 2.0
+    # The five that arrived while a batch ran waited for it (not the 5 s delay), then ran together.
+    assert sizes == [1, 1, 5]

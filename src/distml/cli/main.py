@@ -224,6 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "replicas": args.replicas,
         "max_batch_size": args.max_batch_size,
         "max_delay_ms": args.max_delay_ms,
+        "wait_when_idle": args.wait_when_idle,
         "adaptive_batching": args.adaptive_batching,
         "target_p99_ms": args.target_p99_ms,
         "request_timeout_s": args.request_timeout_s,
@@ -616,7 +617,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
     p.add_argument("--max-batch-size", type=int, default=32, help="largest batch (default 32)")
-    p.add_argument("--max-delay-ms", type=float, default=5.0, help="batching delay (default 5)")
+    p.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=5.0,
+        help="how long a request waits for company while a batch runs (default 5)",
+    )
+    p.add_argument(
+        "--wait-when-idle",
+        action="store_true",
+        help="also wait --max-delay-ms when no batch is running (default: run at once)",
+    )
     p.add_argument("--adaptive-batching", action="store_true", help="AIMD batch cap for p99")
     p.add_argument("--target-p99-ms", type=float, default=50.0, help="adaptive p99 target")
     p.add_argument("--request-timeout-s", type=float, default=30.0, help="per-request timeout")

@@ -1,8 +1,11 @@
 """Dynamic batching: merge concurrent requests into batches under a size cap and a delay.
 
-Requests enter a FIFO as *items* (one or more rows of one job kind). The
-batcher loop waits until the oldest item has either enough same-kind rows
-behind it to fill the cap or has waited ``max_delay``; it then takes rows of
+Requests enter a FIFO as *items* (one or more rows of one job kind). While a
+batch is running, the batcher loop waits until the oldest item has either
+enough same-kind rows behind it to fill the cap or has waited ``max_delay``;
+when no batch is running it sends the queue at once (``wait_when_idle=False``,
+the default), because waiting for company then only adds latency: requests
+that arrive meanwhile form the next, larger batch. It then takes rows of
 that kind in arrival order, assembles one array (token rows right-padded),
 and runs the batch without waiting for it, up to a limit of batches in
 flight so that, under load, requests pile up into larger batches instead of
@@ -115,10 +118,12 @@ class DynamicBatcher:
         max_delay_s: float,
         max_inflight: Callable[[], int],
         metrics: ServeMetrics,
+        wait_when_idle: bool = False,
     ) -> None:
         self._run_batch = run_batch
         self.cap = cap
         self.max_delay_s = max_delay_s
+        self.wait_when_idle = wait_when_idle
         self._max_inflight = max_inflight
         self.metrics = metrics
         self._queue: deque[_Item] = deque()
@@ -183,7 +188,8 @@ class DynamicBatcher:
             cap = self.cap.value
             queued = sum(len(i.rows) for i in self._queue if i.kind == head.kind)
             left = head.arrived + self.max_delay_s - time.monotonic()
-            if queued < cap and left > 0 and not self._closing:
+            busy = bool(self._inflight) or self.wait_when_idle
+            if queued < cap and left > 0 and busy and not self._closing:
                 await self._wait(left)
                 continue
             batch = self._take(head.kind, cap)
@@ -266,8 +272,11 @@ class GenerationBatcher(DynamicBatcher):
         max_delay_s: float,
         max_inflight: Callable[[], int],
         metrics: ServeMetrics,
+        wait_when_idle: bool = False,
     ) -> None:
-        super().__init__(_no_batch, FixedBatchCap(max_size), max_delay_s, max_inflight, metrics)
+        super().__init__(
+            _no_batch, FixedBatchCap(max_size), max_delay_s, max_inflight, metrics, wait_when_idle
+        )
         self._run_generate = run_generate
         self._size_metric = metrics.generate_batch_size
         self._latency_metric = metrics.generate_batch_latency

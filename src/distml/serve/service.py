@@ -106,6 +106,7 @@ class ModelService:
             # taking rows away from the next, larger batch.
             lambda: 2 * max(1, self.pool.ready_count()),
             self.metrics,
+            s.wait_when_idle,
         )
         self.batcher.start()
         self.generation = GenerationBatcher(
@@ -116,6 +117,7 @@ class ModelService:
             # join the next batch instead of queueing behind a long one at a replica.
             lambda: max(1, self.pool.ready_count()),
             self.metrics,
+            s.wait_when_idle,
         )
         self.generation.start()
         self.metrics.track_queue_depth(self.queue_depth)

@@ -34,6 +34,9 @@ class ServeSettings:
     max_batch_size: int = 32
     #: How long the first queued request waits for company before its batch runs.
     max_delay_ms: float = 5.0
+    #: Also wait max_delay_ms when no batch is running (default: an idle server runs
+    #: the queue at once; requests arriving meanwhile form the next batch).
+    wait_when_idle: bool = False
     #: AIMD on the batch cap (Clipper): grow while batch p99 latency < target, halve above.
     adaptive_batching: bool = False
     target_p99_ms: float = 50.0
