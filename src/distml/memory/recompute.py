@@ -142,6 +142,31 @@ def remove_recompute(model: nn.Module) -> int:
     return count
 
 
+@contextlib.contextmanager
+def recompute_unwrapped(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` without its :class:`CheckpointWrapper`s for the duration, then wrapped again.
+
+    ``state_dict`` keys hide the wrappers, but ``named_parameters`` and
+    ``named_modules`` show an ``inner`` segment; code that matches parameters
+    or modules to state-dict keys by name (sharded checkpoints) must see the
+    plain names. Run no forward pass inside.
+    """
+    swapped = [
+        (parent, name, child)
+        for parent in list(model.modules())
+        for name, child in list(parent.named_children())
+        if isinstance(child, CheckpointWrapper)
+    ]
+    for parent, name, wrapper in swapped:
+        setattr(parent, name, wrapper.inner)
+    try:
+        yield model
+    finally:
+        # Reverse order puts nested wrappers back inside out.
+        for parent, name, wrapper in reversed(swapped):
+            setattr(parent, name, wrapper)
+
+
 # ----------------------------------------------------------- activation accounting
 def storage_key(t: Tensor) -> tuple[tuple[str, int], int]:
     """(key, bytes) of the storage behind ``t``; views of one storage share a key."""

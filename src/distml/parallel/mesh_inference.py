@@ -9,7 +9,11 @@ on it), vocabulary-sharded logits are all-gathered along ``tp``, and the last
 stage broadcasts them along ``pp``. Evaluation, ``distml predict`` and
 text generation call it in place of the plain model, so their batching and
 decoding code stays the single-process one. :func:`mesh_generate` is greedy
-decoding on top of it.
+decoding on top of it. Under an autocast (the trainer evaluates bf16 runs
+under bf16 autocast) every activation and the logits still travel in the
+parameters' dtype: pipeline stages cast their outputs back at the boundary,
+so the receive and broadcast buffers here are sized and typed from the
+parameters alone.
 """
 
 from __future__ import annotations
@@ -66,10 +70,11 @@ class MeshForward(nn.Module):
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         pp = axis_size(self.mesh, "pp")
-        if pp == 1:
-            return self._full_logits(self.model(tokens))
-        group, me = axis_group(self.mesh, "pp"), axis_rank(self.mesh, "pp")
         param = next(p for p in self.model.parameters() if not p.is_meta)
+        if pp == 1:
+            # Same logits dtype as the pipelined path (bf16 under autocast otherwise).
+            return self._full_logits(self.model(tokens).to(param.dtype))
+        group, me = axis_group(self.mesh, "pp"), axis_rank(self.mesh, "pp")
         cfg: Any = getattr(self.model, "config", None)
         chunks = list(tokens.chunk(min(self.microbatches, tokens.shape[0])))
         seq = tokens.shape[1]
@@ -82,6 +87,8 @@ class MeshForward(nn.Module):
             outputs = []
             for chunk in chunks:
                 if index > 0:
+                    # StageModule hands on its output in the parameters' dtype, even under
+                    # autocast, so this buffer matches what the previous stage sends.
                     hidden = torch.empty(
                         chunk.shape[0], seq, cfg.n_embd, dtype=param.dtype, device=param.device
                     )

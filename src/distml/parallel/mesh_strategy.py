@@ -10,6 +10,13 @@ global batch; every pp and tp rank of a replica reads the same share. The
 loss is the replica's on every rank, so rank 0 reports true numbers.
 Checkpoints are sharded and plan-independent (:mod:`.mesh_checkpoint`).
 :func:`check_mesh_plan` is the pre-launch check behind the one-line errors.
+
+Memory settings compose with the mesh: ``schedule.precision=bf16`` runs every
+forward (the tp model, each pipeline stage) under bf16 autocast with fp32
+master weights, fp32 stage boundaries and an fp32 loss; ``memory.recompute``
+full/every_k/selective wraps the blocks after the tp plan and the pipeline
+stages call the wrappers (:meth:`MeshStrategy.setup`). fp16 and
+``recompute=auto`` are refused (:func:`check_mesh_memory`).
 """
 
 from __future__ import annotations
@@ -52,6 +59,22 @@ def mesh_dims(cfg: ParallelSection, world_size: int) -> tuple[int, int, int]:
 
 def microbatches(cfg: ParallelSection) -> int:
     return cfg.pp_microbatches or cfg.pp
+
+
+def check_mesh_memory(precision: str = "fp32", recompute: str = "none") -> None:
+    """One-line errors for the memory settings model parallelism cannot run."""
+    if precision == "fp16":
+        raise ConfigError(
+            "schedule.precision=fp16 is not supported with parallel.pp/tp (its loss scaler's "
+            "overflow check would have to agree across pipeline stages and tp ranks); "
+            "use schedule.precision=bf16"
+        )
+    if recompute == "auto":
+        raise ConfigError(
+            "memory.recompute=auto is not supported with parallel.pp/tp (its budget planner "
+            "profiles the whole model in one process); use memory.recompute=full, every_k "
+            "or selective"
+        )
 
 
 def check_mesh_plan(
@@ -111,16 +134,7 @@ def check_mesh_plan(
                 f"parallel.pp_microbatches={m} does not divide the per-replica batch "
                 f"{global_batch // dp} (data.global_batch_size / dp); choose a divisor"
             )
-    if precision != "fp32":
-        raise ConfigError(
-            f"schedule.precision={precision} is not supported with parallel.pp/tp yet; "
-            "use schedule.precision=fp32"
-        )
-    if recompute != "none":
-        raise ConfigError(
-            f"memory.recompute={recompute} is not supported with parallel.pp/tp yet; "
-            "use memory.recompute=none"
-        )
+    check_mesh_memory(precision, recompute)
 
 
 class LocalStages(nn.Module):
@@ -142,13 +156,23 @@ def release_other_stages(model: nn.Module, keep: set[int]) -> None:
 
 
 class MeshStrategy(Strategy):
-    """dp x pp x tp on one DeviceMesh (see the module docstring)."""
+    """dp x pp x tp on one DeviceMesh (see the module docstring).
+
+    ``precision`` is ``schedule.precision`` (the autocast of the forward
+    passes); ``recompute`` (``memory.recompute``) is only checked here, the
+    trainer applies it.
+    """
 
     name = "mesh"
     owns_checkpoints = True
 
-    def __init__(self, cfg: ParallelSection) -> None:
+    def __init__(
+        self, cfg: ParallelSection, *, precision: str = "fp32", recompute: str = "none"
+    ) -> None:
+        # Also checked before launch; here for Trainers built directly from a config.
+        check_mesh_memory(precision, recompute)
         self.cfg = cfg
+        self.precision = precision
         self.mesh: DeviceMesh | None = None
         self.pipeline: Any = None
         self.model: nn.Module | None = None
@@ -206,15 +230,33 @@ class MeshStrategy(Strategy):
             split_points=self.cfg.pp_split_points,
             loss_fn=self.loss_fn,
             example_input=example,
+            precision=self.precision,
         )
         self.local = LocalStages(self.pipeline.modules)
         release_other_stages(model, {id(p) for p in self.local.parameters()})
         return self.local
 
+    def setup(self, model: nn.Module, ctx: DistContext) -> nn.Module:
+        """Let the pipeline stages run the blocks as the trainer left them.
+
+        The trainer applies ``memory.recompute`` after :meth:`prepare` (the tp
+        plan has to replace layers inside plain blocks, and wrapping keeps the
+        parameters, so the optimizer built in between is unaffected); full and
+        every_k put wrappers into ``model.blocks``, which the stages cut earlier
+        must pick up. Selective wrapping changes the blocks in place. With pp=1
+        the model runs whole, wrappers included.
+        """
+        if self.pipeline is not None:
+            for module in self.pipeline.modules:
+                module.refresh_blocks(model)
+        return model
+
     # ---- one step
     def forward_backward(
         self, model: nn.Module, micro_batches: list[Batch], task: str
     ) -> tuple[float, float]:
+        from distml.memory.precision import autocast
+
         assert self.local is not None
         if self.pipeline is not None:
             # The pipeline splits the replica's batch into its own micro-batches.
@@ -225,7 +267,11 @@ class MeshStrategy(Strategy):
         else:
             loss, accum = 0.0, len(micro_batches)
             for x, y in micro_batches:
-                part = self.loss_fn(model(x), y) / accum
+                # Autocast the forward only; the loss takes fp32 logits (as task_loss does)
+                # and backward runs outside autocast, as in the trainer's own loop.
+                with autocast(self.precision, x.device.type):
+                    logits = model(x)
+                part = self.loss_fn(logits.float(), y) / accum
                 part.backward()
                 loss += float(part.detach())
         start = time.perf_counter()
@@ -250,19 +296,23 @@ class MeshStrategy(Strategy):
         return MeshForward(model, self._mesh(), stages, total, microbatches(self.cfg))
 
     def save_checkpoint(self, trainer: Any) -> Path | None:
+        from distml.memory.recompute import recompute_unwrapped
         from distml.parallel.mesh_checkpoint import save_sharded_checkpoint
 
         # The trainer (duck-typed: parallel/ does not import train/) gives the plain values.
         meta = trainer.checkpoint_meta()
         meta["plan"] = dict(zip(("dp", "pp", "tp"), self._mesh().mesh.shape, strict=True))
-        return save_sharded_checkpoint(
-            trainer.checkpoints.directory,
-            trainer.step,
-            trainer.raw_model,
-            trainer.optimizer,
-            meta,
-            trainer.checkpoints.keep_last,
-        )
+        # The checkpoint matches tp shards and optimizer state to state-dict keys by module
+        # and parameter names; recompute wrappers would add an "inner" segment to those.
+        with recompute_unwrapped(trainer.raw_model) as plain:
+            return save_sharded_checkpoint(
+                trainer.checkpoints.directory,
+                trainer.step,
+                plain,
+                trainer.optimizer,
+                meta,
+                trainer.checkpoints.keep_last,
+            )
 
     def summary(self) -> dict[str, Any]:
         mesh = self._mesh()
@@ -276,12 +326,18 @@ class MeshStrategy(Strategy):
         return out
 
 
-def build_strategy(cfg: ParallelSection) -> Strategy:
-    """The strategy the config asks for: the mesh with pp/tp > 1, else ``parallel.strategy``."""
+def build_strategy(
+    cfg: ParallelSection, *, precision: str = "fp32", recompute: str = "none"
+) -> Strategy:
+    """The strategy the config asks for: the mesh with pp/tp > 1, else ``parallel.strategy``.
+
+    ``precision`` and ``recompute`` (``schedule.precision``, ``memory.recompute``)
+    matter to the mesh only; other strategies run under the trainer's own autocast.
+    """
     from distml.parallel.ddp import build_strategy as build_plain
 
     if uses_mesh(cfg):
-        return MeshStrategy(cfg)
+        return MeshStrategy(cfg, precision=precision, recompute=recompute)
     return build_plain(cfg)
 
 

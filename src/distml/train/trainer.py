@@ -97,7 +97,10 @@ class Trainer:
         spec = get_model_spec(cfg.model.name)
         self.task = spec.task
         self.bundle = build_datasets(cfg.data, cfg.seed, spec.task)
-        self.strategy = strategy or build_strategy(cfg.parallel)
+        # The mesh strategy autocasts its own forwards and refuses what it cannot run.
+        self.strategy = strategy or build_strategy(
+            cfg.parallel, precision=cfg.schedule.precision, recompute=cfg.memory.recompute
+        )
         self.data_rank, self.data_world = self.strategy.data_partition(self.ctx)
         self.sampler = GlobalBatchSampler(
             len(self.bundle.train),

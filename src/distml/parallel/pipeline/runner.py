@@ -9,7 +9,10 @@ optimizer built on that model (parameters of other ranks' stages simply get
 no gradient). Tied embeddings (``wte`` on the first stage, ``lm_head`` on the
 last) stay one parameter object per process; each side computes its own
 gradient and :meth:`Pipeline.step` sums the two over a first/last-stage group,
-so both copies take identical updates.
+so both copies take identical updates. With ``precision="bf16"`` every stage
+runs its forward under bf16 autocast and passes fp32 activations on (the
+stage boundary casts back), so the schedule's buffers and gradients between
+stages keep the dtype of the master weights.
 """
 
 from __future__ import annotations
@@ -228,12 +231,14 @@ def build_pipeline(
     split_points: Sequence[int | str] | None = None,
     loss_fn: LossFn | None = None,
     example_input: torch.Tensor | None = None,
+    precision: str = "fp32",
 ) -> Pipeline:
     """Pipeline ``model`` over the mesh's ``pp`` axis (apply tensor parallelism first, if any).
 
     ``loss_fn(logits, targets)`` defaults to the model's LM loss (vocabulary-
     parallel under tensor parallelism with sharded logits). Rank r of the pp
-    axis holds stages r, r + pp, ... (``virtual_stages`` of them).
+    axis holds stages r, r + pp, ... (``virtual_stages`` of them). ``precision``
+    (fp32 or bf16) is the autocast of the stages' forward passes.
     """
     from distml.parallel.tensor.plan import tensor_parallel_loss
 
@@ -253,7 +258,10 @@ def build_pipeline(
         else torch.device(mesh.device_type)
     )
     indices = [rank + v * pp for v in range(virtual_stages)]
-    modules = [StageModule(model, parts, bounds[i], i == 0, i == total - 1) for i in indices]
+    modules = [
+        StageModule(model, parts, bounds[i], i == 0, i == total - 1, precision=precision)
+        for i in indices
+    ]
     stages: list[Any] = [
         PipelineStage(m, i, total, device, group=group)
         for m, i in zip(modules, indices, strict=True)

@@ -6,6 +6,10 @@ BERT have one. A :class:`StageModule` registers the original submodules under
 their original names (``wte``, ``blocks.3``, ``lm_head``), so its parameters
 are the model's own objects with the model's own state-dict keys: optimizers
 built on the plain model keep working and checkpoints merge by key.
+
+A stage runs its body under the autocast of its ``precision`` (bf16 mixed
+precision) and hands its output on in its parameters' dtype, so what crosses
+a stage boundary is always fp32 for an fp32 model (see :meth:`StageModule.forward`).
 """
 
 from __future__ import annotations
@@ -96,15 +100,26 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
 
 
 class StageModule(nn.Module):
-    """Blocks ``block_range`` of ``model``, plus the embeddings (first) and head (last)."""
+    """Blocks ``block_range`` of ``model``, plus the embeddings (first) and head (last).
+
+    ``precision`` (``schedule.precision``: fp32 or bf16) is the autocast the
+    stage's forward runs under; master weights stay in their own dtype.
+    """
 
     def __init__(
-        self, model: nn.Module, parts: ModelParts, block_range: range, first: bool, last: bool
+        self,
+        model: nn.Module,
+        parts: ModelParts,
+        block_range: range,
+        first: bool,
+        last: bool,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         self.parts = parts
         self.first, self.last = first, last
         self.block_range = block_range
+        self.precision = precision
         for name in parts.embed_names if first else ():
             self.add_module(name, model.get_submodule(name))
         blocks = _blocks(model)
@@ -112,14 +127,33 @@ class StageModule(nn.Module):
         for name in parts.head_names if last else ():
             self.add_module(name, model.get_submodule(name))
 
+    def refresh_blocks(self, model: nn.Module) -> None:
+        """Run ``model``'s blocks as they are now (e.g. wrapped for recomputation since the cut).
+
+        Full/every_k recomputation replaces entries of ``model.blocks`` by
+        wrappers around the same blocks (same parameters, same state-dict keys);
+        the stage must call the wrappers, not the blocks it captured at the cut.
+        """
+        blocks = _blocks(model)
+        for i in self.block_range:
+            self.blocks[str(i)] = blocks[i]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.first:
-            x = self.parts.embed_forward(self, x)
-        for block in self.blocks.values():
-            x = block(x)
-        if self.last:
-            x = self.parts.head_forward(self, x)
-        return x
+        from distml.memory.precision import autocast  # here: keeps `import distml.parallel` light
+
+        dtype = next(self.parameters()).dtype
+        with autocast(self.precision, x.device.type):
+            if self.first:
+                x = self.parts.embed_forward(self, x)
+            for block in self.blocks.values():
+                x = block(x)
+            if self.last:
+                x = self.parts.head_forward(self, x)
+        # Autocast may leave the output in bf16 (the head's logits). Cast it back at the
+        # stage boundary: torch.distributed.pipelining sizes its send/recv buffers from a
+        # metadata pass, MeshForward allocates its buffers in the parameters' dtype, and the
+        # loss takes fp32 logits (as the trainer's task_loss does). A no-op in fp32.
+        return x.to(dtype) if x.is_floating_point() else x
 
     def extra_repr(self) -> str:
         return f"blocks={self.block_range.start}..{self.block_range.stop - 1}"
