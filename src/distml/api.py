@@ -23,7 +23,7 @@ from distml.data import GlobalBatchSampler, build_datasets
 from distml.errors import UserError
 from distml.launch import LaunchSpec, launch
 from distml.models import get_model_spec
-from distml.runtime.dist import DistContext, destroy_distributed, init_distributed
+from distml.runtime.dist import destroy_distributed, init_distributed
 
 
 def world_size_of(spec: LaunchSpec) -> int:
@@ -105,6 +105,7 @@ def _predict_worker(
     from distml.inference.predict import (
         gather_in_order,
         load_for_inference,
+        predict_on_mesh,
         read_inputs,
         run_shard,
         write_outputs,
@@ -126,12 +127,10 @@ def _predict_worker(
         task = state["task"]
         inputs = read_inputs(input_spec, state, lambda: build_datasets(cfg.data, cfg.seed, task))
         if uses_mesh(cfg.parallel):
-            # Model-parallel: every rank runs every input through its part of the model.
-            model = inference_model(model, cfg.parallel, ctx)
-            local = run_shard(
-                model, inputs, DistContext(device=ctx.device), cfg.data.eval_batch_size
-            )
-            full = local if ctx.rank == 0 else None
+            # Model-parallel: each dp replica runs its shard of the inputs through its
+            # pp x tp ranks.
+            forward = inference_model(model, cfg.parallel, ctx)
+            full = predict_on_mesh(forward, inputs, ctx, cfg.data.eval_batch_size)
         else:
             local = run_shard(model, inputs, ctx, cfg.data.eval_batch_size)
             full = gather_in_order(local, len(inputs), ctx)

@@ -101,10 +101,34 @@ def world2(setup: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def world4(setup: dict[str, Any]) -> dict[str, Any]:
     plans = [("dp_tp", {"dp": 2, "tp": 2}), ("dp_pp", {"dp": 2, "pp": 2})]
-    results = run_ranks(
-        _plans, 4, args=(str(setup["root"]), str(setup["text"]), plans), timeout=150
-    )
-    return results[0]
+    args = (str(setup["root"]), str(setup["text"]), plans, setup["ref"]["checkpoint"], _tokens())
+    results = run_ranks(_world4, 4, args=args, timeout=150)
+    return {**results[0], "predict": [r["predict"] for r in results]}
+
+
+def _world4(
+    rank: int, world: int, root: str, text: str, plans: list, checkpoint: str, tokens: torch.Tensor
+) -> dict[str, Any]:
+    out = _plans(rank, world, root, text, plans)
+    out["predict"] = _predict_dp(rank, world, checkpoint, tokens)
+    return out
+
+
+def _predict_dp(rank: int, world: int, checkpoint: str, tokens: torch.Tensor) -> dict[str, Any]:
+    """distml predict's model-parallel path with dp=2: replicas take disjoint input shards."""
+    from distml.inference.predict import model_from_checkpoint, predict_on_mesh
+    from distml.parallel.mesh import build_mesh
+    from distml.parallel.mesh_inference import build_inference_forward
+    from distml.runtime.dist import DistContext
+    from distml.train.checkpoint import load_checkpoint
+
+    out = {}
+    ctx = DistContext(rank=rank, world_size=world)
+    for name, dims in (("dp_tp", (2, 1, 2)), ("dp_pp", (2, 2, 1))):
+        model = model_from_checkpoint(load_checkpoint(checkpoint))
+        forward = build_inference_forward(model, build_mesh(*dims), microbatches=2)
+        out[name] = predict_on_mesh(forward, tokens, ctx, batch_size=2)
+    return out
 
 
 def _check_plan(setup: dict[str, Any], summary: dict[str, Any], name: str) -> None:
@@ -201,3 +225,21 @@ def test_model_parallel_logits_and_generation_equal_single_process(setup, world2
             got_logits, got_tokens = rank_out[name]
             torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5, msg=name)
             assert torch.equal(got_tokens, generated), name
+
+
+def test_model_parallel_predict_with_dp2_shards_inputs_and_equals_single_process(
+    setup, world4
+) -> None:
+    from distml.inference.predict import model_from_checkpoint
+    from distml.train.checkpoint import load_checkpoint
+
+    tokens = _tokens()  # 3 rows: replicas get 2 and 1 (uneven shards)
+    model = model_from_checkpoint(load_checkpoint(setup["ref"]["checkpoint"]))
+    with torch.no_grad():
+        logits = model(tokens)
+    for rank, rank_out in enumerate(world4["predict"]):
+        for name in ("dp_tp", "dp_pp"):
+            if rank == 0:  # only the world's rank 0 holds (and writes) the gathered output
+                torch.testing.assert_close(rank_out[name], logits, rtol=1e-5, atol=1e-5, msg=name)
+            else:
+                assert rank_out[name] is None, (rank, name)

@@ -103,8 +103,13 @@ def run_shard(
     return probe[:0]
 
 
-def gather_in_order(local: torch.Tensor, total: int, ctx: DistContext) -> torch.Tensor | None:
-    """Concatenate every rank's shard on rank 0 (others get None)."""
+def gather_in_order(
+    local: torch.Tensor, total: int, ctx: DistContext, group: Any = None
+) -> torch.Tensor | None:
+    """Concatenate every rank's shard on rank 0 (others get None).
+
+    ``ctx.rank``/``ctx.world_size`` are positions in ``group`` (default: the world).
+    """
     if not ctx.distributed:
         return local
     sizes = [shard_range(total, r, ctx.world_size) for r in range(ctx.world_size)]
@@ -113,11 +118,29 @@ def gather_in_order(local: torch.Tensor, total: int, ctx: DistContext) -> torch.
     padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
     padded[: len(local)] = local.to(device)
     gathered = [torch.empty_like(padded) for _ in range(ctx.world_size)]
-    dist.all_gather(gathered, padded)
+    dist.all_gather(gathered, padded, group=group)
     if ctx.rank != 0:
         return None
     parts = [g[: stop - start].cpu() for g, (start, stop) in zip(gathered, sizes, strict=True)]
     return torch.cat(parts)
+
+
+def predict_on_mesh(
+    forward: Any, inputs: torch.Tensor, ctx: DistContext, batch_size: int
+) -> torch.Tensor | None:
+    """Model-parallel inference with ``forward`` (a MeshForward): every dp replica takes a
+    contiguous shard of the inputs through its pp x tp ranks; global rank 0 gets them all.
+    """
+    import dataclasses
+
+    from distml.parallel.mesh import axis_rank, axis_size
+
+    mesh = forward.mesh
+    replica = dataclasses.replace(ctx, rank=axis_rank(mesh, "dp"), world_size=axis_size(mesh, "dp"))
+    local = run_shard(forward, inputs, replica, batch_size)
+    full = gather_in_order(local, len(inputs), replica, group=mesh.get_group("dp"))
+    # dp rank 0 exists once per (pp, tp) position; only the world's rank 0 writes.
+    return full if ctx.rank == 0 else None
 
 
 def write_outputs(logits: torch.Tensor, path: Path) -> None:
