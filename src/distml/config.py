@@ -296,6 +296,31 @@ class FederatedSection(_Section):
         return int(self.max_message_mb * 2**20)
 
 
+class ServeSection(_Section):
+    """`distml serve CONFIG.yaml`: what to serve and how (CLI flags override these)."""
+
+    #: Checkpoint (.pt), sharded checkpoint dir or quantized .safetensors; default: the
+    #: latest checkpoint in checkpoint.dir.
+    checkpoint: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    replicas: int = Field(1, ge=0)
+    #: Autoscaling bounds (both unset: a fixed number of replicas).
+    min_replicas: int | None = Field(None, ge=0)
+    max_replicas: int | None = Field(None, ge=1)
+    max_batch_size: int = Field(32, ge=1)
+    max_delay_ms: float = Field(5.0, ge=0.0)
+    wait_when_idle: bool = False
+    adaptive_batching: bool = False
+    target_p99_ms: float = Field(50.0, gt=0.0)
+    request_timeout_s: float = Field(30.0, gt=0.0)
+    device: Literal["cpu", "cuda"] = "cpu"
+    #: Model parallelism inside each replica.
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    microbatches: int = Field(2, ge=1)
+
+
 class Config(_Section):
     name: str = "digits-cnn"
     seed: int = 0
@@ -308,6 +333,7 @@ class Config(_Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     federated: FederatedSection = Field(default_factory=FederatedSection)
     memory: MemorySection = Field(default_factory=MemorySection)
+    serve: ServeSection = Field(default_factory=ServeSection)
 
     @model_validator(mode="after")
     def _check(self) -> Config:

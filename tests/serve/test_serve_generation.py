@@ -87,7 +87,10 @@ def test_a_streamed_and_a_plain_request_in_one_batch_both_get_their_tokens(
 ) -> None:
     import json
 
-    app = build_app(str(gpt_ckpt), replicas=0, max_delay_ms=300, max_new_tokens=64)
+    # wait_when_idle: the first request waits 300 ms for the second, so the two share a batch.
+    app = build_app(
+        str(gpt_ckpt), replicas=0, max_delay_ms=300, max_new_tokens=64, wait_when_idle=True
+    )
     plain = {"prompt": "the lazy ", "max_new_tokens": 8, "temperature": 0.0}
     streamed = {"prompt": "dog", "max_new_tokens": 6, "seed": 5, "stream": True}
     with TestClient(app) as client:

@@ -215,30 +215,70 @@ def cmd_fl_client(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `distml serve` flags that override the config's serve section when given.
+SERVE_FLAGS = (
+    "host",
+    "port",
+    "replicas",
+    "min_replicas",
+    "max_replicas",
+    "max_batch_size",
+    "max_delay_ms",
+    "wait_when_idle",
+    "adaptive_batching",
+    "target_p99_ms",
+    "request_timeout_s",
+    "device",
+    "tp",
+    "pp",
+    "microbatches",
+)
+
+
+def serve_target(model: str, items: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """(model path, serve section as a dict) from a model file or a CONFIG.yaml plus overrides."""
+    from distml.errors import UserError
+    from distml.train.checkpoint import CheckpointManager
+
+    is_config = model.endswith((".yaml", ".yml"))
+    if items and not is_config:
+        raise UserError(
+            f"key=value overrides ({items[0]}) need a CONFIG.yaml; "
+            "pass flags such as --replicas, or serve a config"
+        )
+    cfg = _load([model, *items] if is_config else [])
+    section = cfg.serve.model_dump()
+    path = section.pop("checkpoint")
+    if not is_config:
+        return model, section
+    if path is None:
+        latest = CheckpointManager(cfg.checkpoint.dir).latest()
+        if latest is None:
+            raise UserError(
+                f"no checkpoint in {cfg.checkpoint.dir} to serve; train first "
+                "(distml train CONFIG) or set serve.checkpoint=PATH"
+            )
+        path = str(latest)
+    return path, section
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from distml.serve import serve_main
 
-    overrides = {
-        "replicas": args.replicas,
-        "max_batch_size": args.max_batch_size,
-        "max_delay_ms": args.max_delay_ms,
-        "wait_when_idle": args.wait_when_idle,
-        "adaptive_batching": args.adaptive_batching,
-        "target_p99_ms": args.target_p99_ms,
-        "request_timeout_s": args.request_timeout_s,
-        "device": args.device,
-        "token": os.environ.get("DISTML_SERVE_TOKEN") or None,
-        "tp": args.tp,
-        "pp": args.pp,
-        "microbatches": args.microbatches,
-    }
-    if args.min_replicas is not None:
-        overrides["min_replicas"] = args.min_replicas
-    if args.max_replicas is not None:
-        overrides["max_replicas"] = args.max_replicas
-    serve_main(args.model, args.host, args.port, **overrides)
+    model, settings = serve_target(args.model, args.items)
+    for flag in SERVE_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            settings[flag] = value
+    host, port = settings.pop("host"), settings.pop("port")
+    settings["token"] = os.environ.get("DISTML_SERVE_TOKEN") or None
+    if settings["min_replicas"] is None:
+        del settings["min_replicas"]
+    if settings["max_replicas"] is None:
+        del settings["max_replicas"]
+    serve_main(model, host, port, **settings)
     return 0
 
 
@@ -603,41 +643,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="HTTP inference server with dynamic batching and replicas",
-        description="Serve a checkpoint (.pt) or a quantized model (.safetensors): POST "
+        description="Serve a checkpoint (.pt), a quantized model (.safetensors) or the model "
+        "of a CONFIG.yaml (settings from its serve: section; flags override them): POST "
         "/v1/predict (JSON or application/x-distml-tensor), POST /v1/generate (gpt, streamed), "
         "GET /health, GET /metrics (Prometheus). Binds 127.0.0.1 by default; set "
         "DISTML_SERVE_TOKEN to require a bearer token.",
     )
-    p.add_argument("model", help="step_*.pt checkpoint or distml quantize .safetensors")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
-        "--replicas", type=int, default=1, help="model replica processes (0: in-process)"
+        "model",
+        help="step_*.pt checkpoint, distml quantize .safetensors, or CONFIG.yaml (its serve: "
+        "section; the model is serve.checkpoint or the latest checkpoint in checkpoint.dir)",
+    )
+    p.add_argument("items", nargs="*", metavar="key=value", help="config overrides (with a CONFIG)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument(
+        "--replicas", type=int, default=None, help="model replica processes (0: in-process)"
     )
     p.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
-    p.add_argument("--max-batch-size", type=int, default=32, help="largest batch (default 32)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="largest batch (default 32)")
     p.add_argument(
         "--max-delay-ms",
         type=float,
-        default=5.0,
+        default=None,
         help="how long a request waits for company while a batch runs (default 5)",
     )
     p.add_argument(
         "--wait-when-idle",
-        action="store_true",
+        action="store_const",
+        const=True,
+        default=None,
         help="also wait --max-delay-ms when no batch is running (default: run at once)",
     )
-    p.add_argument("--adaptive-batching", action="store_true", help="AIMD batch cap for p99")
-    p.add_argument("--target-p99-ms", type=float, default=50.0, help="adaptive p99 target")
-    p.add_argument("--request-timeout-s", type=float, default=30.0, help="per-request timeout")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="replica device")
     p.add_argument(
-        "--tp", type=int, default=1, help="tensor-parallel processes per replica (gpt, bert)"
+        "--adaptive-batching",
+        action="store_const",
+        const=True,
+        default=None,
+        help="AIMD batch cap for p99",
     )
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica (gpt)")
+    p.add_argument("--target-p99-ms", type=float, default=None, help="adaptive p99 target (50)")
+    p.add_argument("--request-timeout-s", type=float, default=None, help="per-request timeout")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="replica device")
     p.add_argument(
-        "--microbatches", type=int, default=2, help="micro-batches per pipelined forward"
+        "--tp", type=int, default=None, help="tensor-parallel processes per replica (gpt, bert)"
+    )
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages per replica (gpt)")
+    p.add_argument(
+        "--microbatches", type=int, default=None, help="micro-batches per pipelined forward (2)"
     )
     _hidden_debug(p)
     p.set_defaults(func=cmd_serve)
