@@ -44,7 +44,13 @@ def theory(m: int, p: int = P) -> float:
 
 
 def _measure(
-    rank: int, world: int, cases: list[tuple[str, int]], batch: int, warmup: int, steps: int
+    rank: int,
+    world: int,
+    cases: list[tuple[str, int]],
+    batch: int,
+    warmup: int,
+    steps: int,
+    balance: str = "params",
 ) -> dict[str, Any]:
     """On each rank: per case, this stage's idle fraction and busy/total seconds per timed step."""
     from distml.models import build_model
@@ -61,7 +67,11 @@ def _measure(
     for schedule, m in cases:
         torch.manual_seed(0)
         model = build_model("gpt", MODEL_ARGS).float()
-        pipe = build_pipeline(model, mesh, schedule=schedule, microbatches=m)
+        # balance=time cuts the stages by measured block time (theory assumes equal stages).
+        example = x[:2] if balance == "time" else None
+        pipe = build_pipeline(
+            model, mesh, schedule=schedule, microbatches=m, balance=balance, example_input=example
+        )
         idle, busy, total, ops = [], [], [], []
         for i in range(warmup + steps):
             pipe.step(x, y)
@@ -120,6 +130,9 @@ def replay_idle(ops_per_stage: list[list[tuple[str, float]]]) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--balance", default="params", choices=("params", "time"), help="stage cut (pp_balance)"
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="gpipe only, M in 1, 4, 16, 3 steps")
@@ -139,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     per_rank: list[dict[str, Any]] = [{} for _ in range(P)]
     for schedule in dict.fromkeys(name for name, _ in cases):
         mine = [c for c in cases if c[0] == schedule]
-        part = run_ranks(_measure, P, args=(mine, args.batch, args.warmup, args.steps), timeout=600)
+        part = run_ranks(
+            _measure,
+            P,
+            args=(mine, args.batch, args.warmup, args.steps, args.balance),
+            timeout=600,
+        )
         for rank in range(P):
             per_rank[rank].update(part[rank])
     elapsed = time.perf_counter() - start
@@ -224,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             "pp": P,
             "model": MODEL_ARGS,
             "batch": args.batch,
+            "balance": args.balance,
             "dtype": "float32",
             "threads_per_rank": 1,
             "warmup_steps": args.warmup,
