@@ -64,6 +64,7 @@ def preflight(cfg: Config, world_size: int) -> None:
             global_batch=cfg.data.global_batch_size,
             precision=cfg.schedule.precision,
             recompute=cfg.memory.recompute,
+            seq_len=cfg.data.seq_len,
         )
     resume = cfg.checkpoint.resume
     named_file = isinstance(resume, str) and resume not in ("auto", "latest", "true")

@@ -132,6 +132,8 @@ class ParallelSection(_Section):
     dp: int | None = Field(None, gt=0)
     pp: int = Field(1, gt=0)
     tp: int = Field(1, gt=0)
+    #: Megatron sequence parallelism with tp > 1 (gpt/bert, pp=1; seq_len divisible by tp).
+    sequence_parallel: bool = False
     #: Pipeline schedule: gpipe | 1f1b | interleaved-1f1b (checked with one-line errors).
     pp_schedule: str = "1f1b"
     #: Micro-batches per step and replica (default: pp).

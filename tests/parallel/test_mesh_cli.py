@@ -72,6 +72,12 @@ def text(tmp_path: Path) -> Path:
             "overflow check would have to agree across pipeline stages and tp ranks); use "
             "schedule.precision=bf16",
         ),
+        (
+            ["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=15"],
+            "parallel.sequence_parallel splits the sequence over parallel.tp=2 ranks, but the "
+            "sequence length 15 (data.seq_len) is not divisible by 2; set data.seq_len to a "
+            "multiple of 2",
+        ),
     ],
 )
 def test_bad_plans_exit_2_with_one_line(text, tmp_path, capsys, items, message) -> None:

@@ -85,8 +85,13 @@ def check_mesh_plan(
     global_batch: int | None = None,
     precision: str = "fp32",
     recompute: str = "none",
+    seq_len: int | None = None,
 ) -> None:
-    """Every check that fits on one line before workers start (model may live on ``meta``)."""
+    """Every check that fits on one line before workers start (model may live on ``meta``).
+
+    ``seq_len`` (``data.seq_len``) is checked against tp under sequence
+    parallelism; without it the model's first forward raises the same error.
+    """
     from distml.models.bert import BERT
     from distml.models.gpt import GPT
     from distml.parallel.pipeline.split import (
@@ -97,6 +102,7 @@ def check_mesh_plan(
     from distml.parallel.tensor.hf_bert import is_hf_bert
     from distml.parallel.tensor.hf_gpt2 import is_hf_gpt2
     from distml.parallel.tensor.plan import check_tensor_parallel_sizes
+    from distml.parallel.tensor.sequence import check_sequence_parallel
 
     if cfg.strategy != "ddp":
         raise ConfigError(
@@ -119,6 +125,8 @@ def check_mesh_plan(
     mcfg: Any = model.config
     if tp > 1:
         check_tensor_parallel_sizes(tp, mcfg.n_head, mcfg.n_embd, mcfg.vocab_size)
+    if cfg.sequence_parallel:
+        check_sequence_parallel(model, tp=tp, pp=pp, seq_len=seq_len)
     if pp > 1:
         m, v = microbatches(cfg), cfg.pp_virtual_stages
         check_pipeline_plan(mcfg.n_layer, pp, cfg.pp_schedule, m, v)
@@ -201,13 +209,20 @@ class MeshStrategy(Strategy):
     # ---- model: tp plan, then the pipeline cut, before the optimizer
     def prepare(self, model: nn.Module, ctx: DistContext, seed: int) -> nn.Module:
         from distml.parallel.pipeline import build_pipeline
-        from distml.parallel.tensor import apply_tensor_parallel, tensor_parallel_loss
+        from distml.parallel.tensor import (
+            apply_tensor_parallel,
+            check_sequence_parallel,
+            tensor_parallel_loss,
+        )
         from distml.runtime.seed import seed_everything
 
         mesh = self._mesh(ctx)
         # tp ranks of a replica must draw the same dropout masks: seed by dp rank.
         seed_everything(seed + 1 + axis_rank(mesh, "dp"))
-        apply_tensor_parallel(model, mesh)
+        sp = self.cfg.sequence_parallel
+        if sp:  # also checked before launch; here for Trainers built directly from a config
+            check_sequence_parallel(model, tp=axis_size(mesh, "tp"), pp=self.cfg.pp)
+        apply_tensor_parallel(model, mesh, sequence_parallel=sp)
         self.model = model
         self.loss_fn = tensor_parallel_loss(model)
         if self.cfg.pp == 1:

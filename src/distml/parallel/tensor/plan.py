@@ -8,8 +8,9 @@ costs one all-reduce forward (in the row-parallel layer) and one backward (at
 the region's entry). The token embedding is vocabulary-parallel; the LM head
 shares its shard when the weights are tied, and either returns vocabulary-
 sharded logits for :func:`~distml.parallel.tensor.loss.vocab_parallel_cross_entropy`
-(``loss_parallel=True``) or all-gathers them. Sequence parallelism (sharding
-the LayerNorm/dropout activations along the sequence) is not implemented.
+(``loss_parallel=True``) or all-gathers them. ``sequence_parallel=True``
+also splits the activations outside the parallel regions (layer norms,
+dropout, residuals) along the sequence; see :mod:`.sequence`.
 """
 
 from __future__ import annotations
@@ -29,13 +30,18 @@ from distml.models.bert import BERT
 from distml.models.gpt import GPT
 from distml.models.layers import MLP, SelfAttention
 from distml.parallel.mesh import axis_group, axis_size
-from distml.parallel.tensor.comm import copy_to_region
+from distml.parallel.tensor.comm import copy_to_region, gather_from_sequence
 from distml.parallel.tensor.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
 from distml.parallel.tensor.loss import vocab_parallel_cross_entropy
+from distml.parallel.tensor.sequence import (
+    check_sequence_parallel,
+    sequence_parallel_bert,
+    sequence_parallel_gpt,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class TensorParallelInfo:
     group: dist.ProcessGroup
     size: int
     loss_parallel: bool
+    #: Activations between the parallel regions are (B, T/tp, C) sequence shards.
+    sequence_parallel: bool = False
 
 
 def check_tensor_parallel_sizes(tp: int, n_head: int, n_embd: int, vocab_size: int) -> None:
@@ -70,54 +78,71 @@ def check_tensor_parallel_sizes(tp: int, n_head: int, n_embd: int, vocab_size: i
 
 
 def _enter_region(
-    group: dist.ProcessGroup, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    group: dist.ProcessGroup,
+    sequence_parallel: bool,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return (copy_to_region(args[0], group), *args[1:]), kwargs
+    # Sequence parallel: the input arrives as sequence shards; gather the whole sequence.
+    enter = gather_from_sequence if sequence_parallel else copy_to_region
+    return (enter(args[0], group), *args[1:]), kwargs
 
 
-def _parallelize_attention(attn: SelfAttention, group: dist.ProcessGroup) -> None:
+def _parallelize_attention(attn: SelfAttention, group: dist.ProcessGroup, sp: bool) -> None:
     attn.q_proj = ColumnParallelLinear.from_linear(attn.q_proj, group)  # type: ignore[assignment]
     attn.k_proj = ColumnParallelLinear.from_linear(attn.k_proj, group)  # type: ignore[assignment]
     attn.v_proj = ColumnParallelLinear.from_linear(attn.v_proj, group)  # type: ignore[assignment]
-    attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, group)  # type: ignore[assignment]
-    attn.register_forward_pre_hook(functools.partial(_enter_region, group), with_kwargs=True)
+    attn.o_proj = RowParallelLinear.from_linear(  # type: ignore[assignment]
+        attn.o_proj, group, sequence_parallel=sp
+    )
+    attn.register_forward_pre_hook(functools.partial(_enter_region, group, sp), with_kwargs=True)
 
 
-def _parallelize_mlp(mlp: MLP, group: dist.ProcessGroup) -> None:
+def _parallelize_mlp(mlp: MLP, group: dist.ProcessGroup, sp: bool) -> None:
     mlp.fc = ColumnParallelLinear.from_linear(mlp.fc, group)  # type: ignore[assignment]
-    mlp.proj = RowParallelLinear.from_linear(mlp.proj, group)  # type: ignore[assignment]
-    mlp.register_forward_pre_hook(functools.partial(_enter_region, group), with_kwargs=True)
+    mlp.proj = RowParallelLinear.from_linear(  # type: ignore[assignment]
+        mlp.proj, group, sequence_parallel=sp
+    )
+    mlp.register_forward_pre_hook(functools.partial(_enter_region, group, sp), with_kwargs=True)
 
 
-def _parallelize_blocks(blocks: nn.ModuleList, group: dist.ProcessGroup) -> None:
+def _parallelize_blocks(blocks: nn.ModuleList, group: dist.ProcessGroup, sp: bool) -> None:
     for block in blocks:
         assert isinstance(block.attn, SelfAttention) and isinstance(block.mlp, MLP)
-        _parallelize_attention(block.attn, group)
-        _parallelize_mlp(block.mlp, group)
+        _parallelize_attention(block.attn, group, sp)
+        _parallelize_mlp(block.mlp, group, sp)
 
 
-def _parallelize_gpt(model: GPT, group: dist.ProcessGroup, loss_parallel: bool) -> None:
+def _parallelize_gpt(
+    model: GPT, group: dist.ProcessGroup, loss_parallel: bool, sp: bool = False
+) -> None:
     cfg = model.config
     check_tensor_parallel_sizes(dist.get_world_size(group), cfg.n_head, cfg.n_embd, cfg.vocab_size)
-    _parallelize_blocks(model.blocks, group)
+    _parallelize_blocks(model.blocks, group, sp)
     tied = model.lm_head.weight is model.wte.weight
-    wte = VocabParallelEmbedding.from_embedding(model.wte, group)
+    wte = VocabParallelEmbedding.from_embedding(model.wte, group, sequence_parallel=sp)
     model.lm_head = ColumnParallelLinear.from_linear(  # type: ignore[assignment]
         model.lm_head,
         group,
         copy_input=True,
         gather_output=not loss_parallel,
         weight=wte.weight if tied else None,
+        sequence_parallel=sp,
     )
     model.wte = wte  # type: ignore[assignment]
+    if sp:
+        sequence_parallel_gpt(model, group)
 
 
-def _parallelize_bert(model: BERT, group: dist.ProcessGroup, loss_parallel: bool) -> None:
+def _parallelize_bert(
+    model: BERT, group: dist.ProcessGroup, loss_parallel: bool, sp: bool = False
+) -> None:
     cfg = model.config
     check_tensor_parallel_sizes(dist.get_world_size(group), cfg.n_head, cfg.n_embd, cfg.vocab_size)
-    _parallelize_blocks(model.blocks, group)
+    _parallelize_blocks(model.blocks, group, sp)
     emb = model.embeddings
-    tok = VocabParallelEmbedding.from_embedding(emb.tok, group)
+    tok = VocabParallelEmbedding.from_embedding(emb.tok, group, sequence_parallel=sp)
     # bert-qa has no MLM head (its 2-way span head stays replicated): only the
     # masked-LM model has a vocabulary-sized decoder to split.
     head = getattr(model, "head", None)
@@ -129,8 +154,11 @@ def _parallelize_bert(model: BERT, group: dist.ProcessGroup, loss_parallel: bool
             copy_input=True,
             gather_output=not loss_parallel,
             weight=tok.weight if tied else None,
+            sequence_parallel=sp,
         )
     emb.tok = tok  # type: ignore[assignment]
+    if sp:
+        sequence_parallel_bert(model, group)
 
 
 def _is_span_model(model: nn.Module) -> bool:
@@ -141,7 +169,11 @@ def _is_span_model(model: nn.Module) -> bool:
 
 
 def apply_tensor_parallel(
-    model: nn.Module, mesh: DeviceMesh, *, loss_parallel: bool = True
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    loss_parallel: bool = True,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """Shard ``model`` in place over the mesh's ``tp`` axis and return it.
 
@@ -149,15 +181,21 @@ def apply_tensor_parallel(
     before the call. With ``loss_parallel`` the model returns this rank's
     vocabulary slice of the logits: train it with :func:`tensor_parallel_loss`.
     Otherwise logits are all-gathered and any ordinary loss works.
+    ``sequence_parallel`` (GPT and masked-LM BERT only) keeps the activations
+    between the parallel regions as sequence shards; inputs and logits keep
+    their shapes, but the sequence length must be divisible by tp. With tp=1
+    both options are ignored.
     """
     group = axis_group(mesh, "tp")
     size = axis_size(mesh, "tp")
     if size == 1:
         return model
+    if sequence_parallel:
+        check_sequence_parallel(model, tp=size)
     if isinstance(model, GPT):
-        _parallelize_gpt(model, group, loss_parallel)
+        _parallelize_gpt(model, group, loss_parallel, sequence_parallel)
     elif isinstance(model, BERT):
-        _parallelize_bert(model, group, loss_parallel)
+        _parallelize_bert(model, group, loss_parallel, sequence_parallel)
     else:
         from distml.parallel.tensor.hf_bert import is_hf_bert, parallelize_hf_bert
         from distml.parallel.tensor.hf_gpt2 import is_hf_gpt2, parallelize_hf_gpt2
@@ -176,12 +214,21 @@ def apply_tensor_parallel(
     if _is_span_model(model):
         loss_parallel = False
     # A plain attribute (not a submodule): strategies and pipelines read it back.
-    setattr(model, "tensor_parallel", TensorParallelInfo(group, size, loss_parallel))  # noqa: B010
+    info = TensorParallelInfo(group, size, loss_parallel, sequence_parallel)
+    setattr(model, "tensor_parallel", info)  # noqa: B010
     return model
 
 
 def check_same_rng_for_dropout(model: nn.Module, group: dist.ProcessGroup) -> None:
-    """With dropout, tp ranks must draw the same masks or their replicated activations diverge."""
+    """With dropout, tp ranks must draw the same masks or their replicated activations diverge.
+
+    Sequence parallelism keeps this rule: its dropouts draw one full-sequence
+    mask from this shared state and each rank keeps its own positions
+    (:class:`~distml.parallel.tensor.sequence.SequenceParallelDropout`), so the
+    masks differ by position while the ranks' random streams stay equal.
+    Attention-probability dropout inside the parallel region then draws the
+    same mask pattern for each rank's local heads (as without sequence parallelism).
+    """
     if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         return
     raw = torch.get_rng_state().to(torch.float64)
