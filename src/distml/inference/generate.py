@@ -133,13 +133,16 @@ def generate(
     eos_id: int | None = None,
     pad_id: int = 0,
     device: torch.device | str | None = None,
+    use_cache: bool = True,
 ) -> list[list[int]]:
     """The new token ids of each prompt (prompt not included), at most ``max_new_tokens`` each.
 
     ``logits_fn`` (default: the model's forward) maps right-padded ids (B, T) to
     logits (B, T, V); ``block_size`` (default: from the model's config) crops the
     context. ``suppress_ids`` are never produced (e.g. a tokenizer's [MASK]); a
-    row stops after producing ``eos_id``. The model is run in eval mode.
+    row stops after producing ``eos_id``. The model is run in eval mode. A plain
+    distml GPT (no ``logits_fn``) decodes with a key/value cache while the rows
+    fit its block (``use_cache``); the tokens are those of recomputation.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if model is None and logits_fn is None:
@@ -160,12 +163,18 @@ def generate(
     seqs = [list(row) for row in rows]
     new: list[list[int]] = [[] for _ in rows]
     live = list(range(len(rows)))
+    from distml.inference.kv_cache import KVCacheDecoder, model_for_cache
+
+    cached = model_for_cache(model) if use_cache and logits_fn is None else None
+    decoder = KVCacheDecoder(cached) if cached is not None else None
     try:
         for _ in range(max_new_tokens):
             if not live:
                 break
-            windows = [seqs[i][-block_size:] if block_size else seqs[i] for i in live]
-            step_logits = last_token_logits(call, windows, device, pad_id)
+            step_logits = decoder.logits(live, [seqs[i] for i in live]) if decoder else None
+            if step_logits is None:  # no cache, or a row outgrew the block: recompute the window
+                windows = [seqs[i][-block_size:] if block_size else seqs[i] for i in live]
+                step_logits = last_token_logits(call, windows, device, pad_id)
             if suppress_ids:
                 step_logits[:, list(suppress_ids)] = float("-inf")
             if temperature == 0:
@@ -250,9 +259,22 @@ def generate_text(
         raise UserError("--prompt is empty; give at least one character of text to continue")
     _, model, tokenizer = load_generation_model(checkpoint, device)
     block_size = model_block_size(model)
-    call = logits_fn_for(model) if logits_fn_for is not None else model_logits_fn(model)
     model.eval()
     ids = [tokenizer.encode(p).tolist() for p in prompts]
+    if logits_fn_for is None:  # the model itself: generate() can use its key/value cache
+        new = generate(
+            model,
+            ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            suppress_ids=[tokenizer.mask_id],
+            device=device,
+        )
+        return [p + tokenizer.decode(n) for p, n in zip(prompts, new, strict=True)]
+    call = logits_fn_for(model)
     new = generate(
         None,
         ids,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from distml.inference.generate import filter_logits, last_token_logits
+from distml.inference.kv_cache import KVCacheDecoder
 
 #: (B, T) token ids -> (B, T, vocab) logits.
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -54,8 +55,13 @@ def generate_batch(
     block_size: int,
     on_token: OnToken | None = None,
     device: torch.device | None = None,
+    decoder: KVCacheDecoder | None = None,
 ) -> list[list[int]]:
-    """The new tokens of every prompt, decoded together; row i gets ``params[i].max_new_tokens``."""
+    """The new tokens of every prompt, decoded together; row i gets ``params[i].max_new_tokens``.
+
+    With a ``decoder`` (key/value cache of the same model) each step feeds one token per
+    row while the rows fit the block; ``logits_fn`` recomputes the window otherwise.
+    """
     if len(prompts) != len(params):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} parameter sets")
     device = device or torch.device("cpu")
@@ -68,8 +74,10 @@ def generate_batch(
     active = [i for i, p in enumerate(params) if p.max_new_tokens > 0]
     while active:
         # Each row sees at most its last block_size tokens, as GPT.generate crops them.
-        windows = [seqs[i][-block_size:] for i in active]
-        logits = last_token_logits(logits_fn, windows, device)
+        logits = decoder.logits(active, [seqs[i] for i in active]) if decoder else None
+        if logits is None:
+            windows = [seqs[i][-block_size:] for i in active]
+            logits = last_token_logits(logits_fn, windows, device)
         for r, i in enumerate(active):
             token = _next_token(logits[r : r + 1], params[i], generators[i])
             seqs[i].append(token)

@@ -21,6 +21,7 @@ import torch
 
 from distml.data.text import ByteTokenizer, CharTokenizer, Tokenizer
 from distml.errors import UserError
+from distml.inference.kv_cache import KVCacheDecoder, supports_kv_cache
 from distml.inference.predict import load_for_inference
 from distml.inference.quantize import is_quantized_file
 from distml.memory import read_quantized_metadata
@@ -131,7 +132,10 @@ class ModelRunner:
                 emit({"row": row, "token": token}, [])
 
         block = int(self.meta["model_args"].get("block_size", ids.shape[1]))
-        new = generate_batch(self.causal_logits, prompts, params, block, on_token, self.device)
+        decoder = KVCacheDecoder(self.model) if supports_kv_cache(self.model) else None
+        new = generate_batch(
+            self.causal_logits, prompts, params, block, on_token, self.device, decoder
+        )
         out = np.full((len(new), max(len(t) for t in new)), -1, dtype=np.int64)
         for i, tokens in enumerate(new):
             out[i, : len(tokens)] = tokens
