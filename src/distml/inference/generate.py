@@ -4,10 +4,11 @@ Prompts of different lengths are re-packed right-padded, and each row reads the
 logits at its own last real token; because the models are causal, a row's
 logits never see the padding after it, so a batched run gives every row exactly
 what a run of that prompt alone would give. Contexts longer than the model's
-block size are cropped to their last ``block_size`` tokens. There is no KV
-cache: each new token re-runs the (cropped) context, which keeps the model call
-a plain ``logits_fn(ids)`` that a tensor- or pipeline-parallel forward can
-replace. Sampling: greedy at ``temperature=0``, else temperature, top-k and
+block size are cropped to their last ``block_size`` tokens. A plain distml
+GPT decodes with a key/value cache (:mod:`distml.inference.kv_cache`) while
+the rows fit its block; otherwise each new token re-runs the (cropped)
+context through a plain ``logits_fn(ids)``, which a tensor- or
+pipeline-parallel forward can replace. Sampling: greedy at ``temperature=0``, else temperature, top-k and
 top-p (nucleus) filtering with a seeded generator for reproducible samples.
 """
 
