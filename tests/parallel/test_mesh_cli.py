@@ -104,6 +104,9 @@ def test_tp_vocab_check_names_the_padded_size(tmp_path, capsys) -> None:
 def test_train_tp2_then_predict_pp2_equals_single_process(tmp_path) -> None:
     from distml.parallel.mesh_checkpoint import load_full_model
 
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not present")
+
     run_dir = tmp_path / "run"
     train = run_cli(
         [
