@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from mesh_case import TEXT, metric_losses, tiny_text_cfg
 
 from distml.testing import run_ranks
 
@@ -111,42 +113,23 @@ def test_tp2_hugging_face_models_train_like_single_process() -> None:
             assert losses[-1] != losses[0]  # the runs really trained
 
 
-TEXT = "to be, or not to be: that is the question. whether tis nobler in the mind " * 24
 
 
 def _trainer_cfg(root: str, name: str, model: str, **parallel: object) -> dict:
-    from pathlib import Path
-
+    # 21 distinct characters; 22 lets tp=2 split the vocabulary.
     run_dir = Path(root) / name
-    return {
-        "seed": 3,
-        # 21 distinct characters; 22 lets tp=2 split the vocabulary.
-        "model": {"name": model, "args": {"n_layer": 2, "n_head": 2, "n_embd": 16, "vocab_size": 22}},
-        "data": {
-            "name": "text",
-            "path": str(Path(root) / "corpus.txt"),
-            "seq_len": 16,
-            "global_batch_size": 8,
-        },
-        "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.9},
-        "schedule": {"epochs": 1, "max_steps": 4, "grad_clip": 0.5},
-        "parallel": parallel,
-        "checkpoint": {"dir": str(run_dir / "ckpt")},
-        "logging": {"run_dir": str(run_dir), "progress": False},
-    }
+    return tiny_text_cfg(
+        run_dir, Path(root) / "corpus.txt", dict(parallel), steps=4, model=model, vocab_size=22
+    )
 
 
 def _train_losses(rank: int, world: int, root: str, model: str, parallel: dict) -> list[float]:
-    import json
-    from pathlib import Path
-
     from distml.config import build_config
     from distml.train.trainer import Trainer
 
     name = f"{model}-{world}"
     Trainer(build_config(_trainer_cfg(root, name, model, **parallel))).fit()
-    lines = (Path(root) / name / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "event" not in r]
+    return metric_losses(Path(root) / name)
 
 
 @pytest.mark.parametrize("model", ["hf-gpt2", "hf-bert"])

@@ -8,45 +8,27 @@ single-process run.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from mesh_case import TEXT, metric_losses, tiny_text_cfg
 
 from distml.config import build_config
 from distml.testing import run_ranks
 
 STEPS = 4
-TEXT = "to be, or not to be: that is the question. whether tis nobler in the mind " * 24
 
 
 def _cfg(run_dir: Path, text: Path, **parallel: Any) -> dict[str, Any]:
-    return {
-        "seed": 3,
-        "model": {
-            "name": "gpt",
-            "args": {"n_layer": 4, "n_head": 2, "n_embd": 16, "vocab_size": 32},
-        },
-        "data": {"name": "text", "path": str(text), "seq_len": 16, "global_batch_size": 8},
-        "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.9},
-        "schedule": {"epochs": 1, "max_steps": STEPS, "grad_clip": 0.5},
-        "parallel": parallel,
-        "checkpoint": {"dir": str(run_dir / "ckpt")},
-        "logging": {"run_dir": str(run_dir), "progress": False},
-    }
+    return tiny_text_cfg(run_dir, text, parallel, steps=STEPS, n_layer=4)
 
 
 def _fit(rank: int, world: int, run_dir: str, text: str, parallel: dict[str, Any]) -> dict:
     from distml.train.trainer import Trainer
 
     return Trainer(build_config(_cfg(Path(run_dir), Path(text), **parallel))).fit()
-
-
-def _losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "event" not in r]
 
 
 def test_interleaved_1f1b_trains_like_single_process(tmp_path: Path) -> None:
@@ -61,12 +43,12 @@ def test_interleaved_1f1b_trains_like_single_process(tmp_path: Path) -> None:
         _fit, 2, args=(str(tmp_path / "il"), str(text), {**plan, "pp_microbatches": 2}), timeout=180
     )
     torch.testing.assert_close(
-        torch.tensor(_losses(tmp_path / "il")),
-        torch.tensor(_losses(tmp_path / "ref")),
+        torch.tensor(metric_losses(tmp_path / "il")),
+        torch.tensor(metric_losses(tmp_path / "ref")),
         rtol=1e-4,
         atol=0,
     )
-    assert len(_losses(tmp_path / "ref")) == STEPS
+    assert len(metric_losses(tmp_path / "ref")) == STEPS
     assert summary["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-4)
     _, model = load_full_model(summary["checkpoint"])
     want = load_checkpoint(ref["checkpoint"])["model"]

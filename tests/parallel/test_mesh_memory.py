@@ -13,12 +13,12 @@ A tiny GPT trains 5 steps on text (SGD with momentum, clipping active) at pp=2
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from mesh_case import TEXT, metric_losses, tiny_text_cfg
 
 from distml.cli.main import main
 from distml.config import ParallelSection, build_config
@@ -26,7 +26,6 @@ from distml.errors import ConfigError
 from distml.testing import run_ranks
 
 STEPS = 5
-TEXT = "to be, or not to be: that is the question. whether tis nobler in the mind " * 24
 PP = {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 4}
 TP = {"tp": 2}
 # name -> (parallel section, schedule.precision, memory.recompute)
@@ -56,25 +55,9 @@ def _cfg(
     precision: str = "fp32",
     recompute: str = "none",
 ) -> dict[str, Any]:
-    return {
-        "seed": 3,
-        "model": {
-            "name": "gpt",
-            "args": {"n_layer": 2, "n_head": 2, "n_embd": 16, "vocab_size": 32},
-        },
-        "data": {"name": "text", "path": str(text), "seq_len": 16, "global_batch_size": 8},
-        "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.9},
-        "schedule": {"epochs": 1, "max_steps": STEPS, "grad_clip": 0.5, "precision": precision},
-        "memory": {"recompute": recompute, "every_k": 2},
-        "parallel": parallel or {},
-        "checkpoint": {"dir": str(run_dir / "ckpt")},
-        "logging": {"run_dir": str(run_dir), "progress": False},
-    }
-
-
-def _losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "event" not in r]
+    return tiny_text_cfg(
+        run_dir, text, parallel, steps=STEPS, precision=precision, recompute=recompute
+    )
 
 
 def _fit(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -167,8 +150,8 @@ def test_recompute_keeps_the_math(runs, name) -> None:
     assert [r[name]["wrappers"] for r in ranks] == WRAPPERS[name]
     for r in ranks:
         assert (r[name]["recomputed"] > 0) == (r[name]["wrappers"] > 0)
-    ref = _losses(runs["root"] / "ref")
-    got = _losses(runs["root"] / name)
+    ref = metric_losses(runs["root"] / "ref")
+    got = metric_losses(runs["root"] / name)
     assert len(got) == len(ref) == STEPS
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=0)
     summary = ranks[0][name]
@@ -195,8 +178,8 @@ def test_bf16_tracks_single_process_bf16(runs, name) -> None:
     heads = [r[name]["head_dtypes"] for r in runs["plans"]]
     assert heads == ([[], ["torch.bfloat16"]] if name == "pp_bf16" else [["torch.bfloat16"]] * 2)
     assert runs["plans"][0]["tp_full"]["head_dtypes"] == ["torch.float32"]
-    ref = _losses(runs["root"] / "ref_bf16")
-    got = _losses(runs["root"] / name)
+    ref = metric_losses(runs["root"] / "ref_bf16")
+    got = metric_losses(runs["root"] / name)
     assert len(got) == STEPS
     # Not bit-equal, because bf16 rounds at different places: under tp the row-parallel
     # layers round their partial sums to bf16 before the all-reduce adds them (a single

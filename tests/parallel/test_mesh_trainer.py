@@ -10,39 +10,21 @@ pp=2 with the reference's losses.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from mesh_case import TEXT, metric_losses, tiny_text_cfg
 
 from distml.config import build_config
 from distml.testing import run_ranks
 
 STEPS = 5
-TEXT = "to be, or not to be: that is the question. whether tis nobler in the mind " * 24
 
 
 def _cfg(run_dir: Path, text: Path, **parallel: Any) -> dict[str, Any]:
-    return {
-        "seed": 3,
-        "model": {
-            "name": "gpt",
-            "args": {"n_layer": 2, "n_head": 2, "n_embd": 16, "vocab_size": 32},
-        },
-        "data": {"name": "text", "path": str(text), "seq_len": 16, "global_batch_size": 8},
-        "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.9},
-        "schedule": {"epochs": 1, "max_steps": STEPS, "grad_clip": 0.5},
-        "parallel": parallel,
-        "checkpoint": {"dir": str(run_dir / "ckpt")},
-        "logging": {"run_dir": str(run_dir), "progress": False},
-    }
-
-
-def _losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "event" not in r]
+    return tiny_text_cfg(run_dir, text, parallel, steps=STEPS)
 
 
 def _fit(cfg: dict[str, Any], until: int | None = None) -> dict[str, Any]:
@@ -77,7 +59,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "root": root,
         "text": text,
         "ref": ref,
-        "ref_losses": _losses(ref_dir),
+        "ref_losses": metric_losses(ref_dir),
         "ref_state": ref_state,
     }
 
@@ -136,7 +118,7 @@ def _check_plan(setup: dict[str, Any], summary: dict[str, Any], name: str) -> No
 
     run_dir = setup["root"] / name
     torch.testing.assert_close(
-        torch.tensor(_losses(run_dir)), torch.tensor(setup["ref_losses"]), rtol=1e-4, atol=0
+        torch.tensor(metric_losses(run_dir)), torch.tensor(setup["ref_losses"]), rtol=1e-4, atol=0
     )
     assert summary["test_loss"] == pytest.approx(setup["ref"]["test_loss"], rel=1e-4)
     path = Path(summary["checkpoint"])
@@ -166,18 +148,18 @@ def test_world4_hybrids_equal_single_process(setup, world4, name) -> None:
 
 def test_tp_checkpoint_continues_at_pp2_and_single_process(setup, world2) -> None:
     ref = setup["ref_losses"]
-    part = _losses(setup["root"] / "tp_part")
+    part = metric_losses(setup["root"] / "tp_part")
     assert len(part) == 3
     torch.testing.assert_close(torch.tensor(part), torch.tensor(ref[:3]), rtol=1e-4, atol=0)
     # tp=2 -> pp=2: the resumed run logs steps 4 and 5 only.
-    resumed = _losses(setup["root"] / "tp_to_pp")
+    resumed = metric_losses(setup["root"] / "tp_to_pp")
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(ref[3:]), rtol=1e-4, atol=0)
     _check_plan(setup | {"ref_losses": ref[3:]}, world2["tp_to_pp"], "tp_to_pp")
     # tp=2 -> one process (no process group at all).
     cfg = _cfg(setup["root"] / "tp_to_single", setup["text"])
     cfg["checkpoint"]["resume"] = str(setup["root"] / "tp_part" / "ckpt" / "step_00000003.dcp")
     summary = _fit(cfg)
-    single = _losses(setup["root"] / "tp_to_single")
+    single = metric_losses(setup["root"] / "tp_to_single")
     torch.testing.assert_close(torch.tensor(single), torch.tensor(ref[3:]), rtol=1e-4, atol=0)
     assert summary["test_loss"] == pytest.approx(setup["ref"]["test_loss"], rel=1e-4)
 

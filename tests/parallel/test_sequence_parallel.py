@@ -11,13 +11,13 @@ per-step losses, test loss and final parameters.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from mesh_case import TEXT, metric_losses, tiny_text_cfg
 
 from distml.errors import ConfigError
 from distml.testing import run_ranks
@@ -234,21 +234,10 @@ def test_check_mesh_plan_sequence_parallel_errors() -> None:
 # ---- the Trainer: `distml train` with parallel {tp: 2, sequence_parallel: true}
 
 STEPS = 4
-TEXT = "to be, or not to be: that is the question. whether tis nobler in the mind " * 24
 
 
 def _cfg(run_dir: Path, text: Path, dropout: float = 0.0, **parallel: Any) -> dict[str, Any]:
-    args = {"n_layer": 2, "n_head": 2, "n_embd": 16, "vocab_size": 32, "dropout": dropout}
-    return {
-        "seed": 3,
-        "model": {"name": "gpt", "args": args},
-        "data": {"name": "text", "path": str(text), "seq_len": 16, "global_batch_size": 8},
-        "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.9},
-        "schedule": {"epochs": 1, "max_steps": STEPS, "grad_clip": 0.5},
-        "parallel": parallel,
-        "checkpoint": {"dir": str(run_dir / "ckpt")},
-        "logging": {"run_dir": str(run_dir), "progress": False},
-    }
+    return tiny_text_cfg(run_dir, text, parallel, steps=STEPS, dropout=dropout)
 
 
 def _fit(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -256,11 +245,6 @@ def _fit(cfg: dict[str, Any]) -> dict[str, Any]:
     from distml.train.trainer import Trainer
 
     return Trainer(build_config(cfg)).fit()
-
-
-def _losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "event" not in r]
 
 
 def _trainer_ranks(rank: int, world: int, root: str, text: str) -> dict[str, Any]:
@@ -288,10 +272,10 @@ def test_trainer_tp2_sequence_parallel_equals_single_process(trainer_runs) -> No
     from distml.train.checkpoint import load_checkpoint
 
     root, ref, summary = trainer_runs["root"], trainer_runs["ref"], trainer_runs["world2"]["sp"]
-    ref_losses = _losses(root / "ref")
+    ref_losses = metric_losses(root / "ref")
     assert len(ref_losses) == STEPS
     torch.testing.assert_close(
-        torch.tensor(_losses(root / "sp")), torch.tensor(ref_losses), rtol=1e-4, atol=0
+        torch.tensor(metric_losses(root / "sp")), torch.tensor(ref_losses), rtol=1e-4, atol=0
     )
     assert summary["mesh"] == {"dp": 1, "pp": 1, "tp": 2}
     assert summary["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-4)
@@ -305,9 +289,9 @@ def test_trainer_tp2_sequence_parallel_equals_single_process(trainer_runs) -> No
 
 def test_trainer_sequence_parallel_with_tp1_is_ignored(trainer_runs) -> None:
     root = trainer_runs["root"]
-    assert _losses(root / "tp1") == pytest.approx(_losses(root / "ref"), rel=1e-6)
+    assert metric_losses(root / "tp1") == pytest.approx(metric_losses(root / "ref"), rel=1e-6)
 
 
 def test_trainer_sequence_parallel_with_dropout_trains(trainer_runs) -> None:
-    losses = _losses(trainer_runs["root"] / "sp_dropout")
+    losses = metric_losses(trainer_runs["root"] / "sp_dropout")
     assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
