@@ -8,8 +8,9 @@ block size are cropped to their last ``block_size`` tokens. A plain distml
 GPT decodes with a key/value cache (:mod:`distml.inference.kv_cache`) while
 the rows fit its block; otherwise each new token re-runs the (cropped)
 context through a plain ``logits_fn(ids)``, which a tensor- or
-pipeline-parallel forward can replace. Sampling: greedy at ``temperature=0``, else temperature, top-k and
-top-p (nucleus) filtering with a seeded generator for reproducible samples.
+pipeline-parallel forward can replace. Sampling: greedy at ``temperature=0``,
+else temperature, top-k and top-p (nucleus) filtering with a seeded generator
+for reproducible samples.
 """
 
 from __future__ import annotations
@@ -164,10 +165,10 @@ def generate(
     seqs = [list(row) for row in rows]
     new: list[list[int]] = [[] for _ in rows]
     live = list(range(len(rows)))
-    from distml.inference.kv_cache import KVCacheDecoder, model_for_cache
+    from distml.inference.kv_cache import KVCacheDecoder, supports_kv_cache
 
-    cached = model_for_cache(model) if use_cache and logits_fn is None else None
-    decoder = KVCacheDecoder(cached) if cached is not None else None
+    cacheable = use_cache and logits_fn is None and supports_kv_cache(model)
+    decoder = KVCacheDecoder(model) if cacheable else None  # type: ignore[arg-type]
     try:
         for _ in range(max_new_tokens):
             if not live:

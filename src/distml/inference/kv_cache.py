@@ -152,8 +152,3 @@ class KVCacheDecoder:
     def _merge(y: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = y.shape
         return y.transpose(1, 2).reshape(b, t, -1)
-
-
-def model_for_cache(model: nn.Module | None) -> GPT | None:
-    """``model`` as a GPT the cache can decode, else None (decode by recomputation)."""
-    return model if model is not None and supports_kv_cache(model) else None  # type: ignore[return-value]
