@@ -306,6 +306,8 @@ class ServeSection(_Section):
     checkpoint: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    #: uvicorn's one log line per request; off by default (it costs throughput).
+    access_log: bool = False
     replicas: int = Field(1, ge=0)
     #: Autoscaling bounds (both unset: a fixed number of replicas).
     min_replicas: int | None = Field(None, ge=0)

@@ -340,3 +340,27 @@ def test_a_missing_model_file_fails_before_serving(tmp_path: Path) -> None:
         build_app(str(tmp_path / "nope.pt"))
     with pytest.raises(UserError, match=r"unknown serve option\(s\) \['replica'\]"):
         build_app(str(tmp_path / "nope.pt"), replica=2)
+
+
+def test_model_routes_skip_the_router_but_keep_methods_errors_and_metrics(
+    cnn_client: TestClient, digits_x: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # POST /v1/predict runs through the hot path; other methods still meet FastAPI's router.
+    assert cnn_client.get("/v1/predict").status_code == 405
+    assert cnn_client.post("/v1/nope", json={}).status_code == 404
+    service = cnn_client.app.state.service  # type: ignore[attr-defined]
+
+    async def broken(rows: object) -> object:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(service, "predict", broken)
+    body = {"inputs": [digits_x[0].tolist()]}
+    r = cnn_client.post("/v1/predict", json=body)
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal server error; see the server log"}
+    monkeypatch.undo()
+    assert cnn_client.post("/v1/predict", json=body).status_code == 200
+    metrics = cnn_client.get("/metrics").text
+    assert 'distml_serve_requests_total{endpoint="/v1/predict",status="500"} 1.0' in metrics
+    assert 'distml_serve_requests_total{endpoint="/v1/predict",status="405"} 1.0' in metrics
+    assert 'distml_serve_requests_total{endpoint="other",status="404"} 1.0' in metrics

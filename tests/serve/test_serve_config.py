@@ -45,9 +45,11 @@ def test_flags_override_the_config_and_defaults_fill_the_rest(
     assert seen["model"].endswith("step_00000012.pt")
     assert (seen["replicas"], seen["port"], seen["max_batch_size"]) == (3, 9001, 8)
     assert seen["host"] == "127.0.0.1" and "min_replicas" not in seen
+    assert seen["access_log"] is False
     seen.clear()
-    assert cli.main(["serve", "model.pt", "--wait-when-idle"]) == 0
+    assert cli.main(["serve", "model.pt", "--wait-when-idle", "--access-log"]) == 0
     assert (seen["model"], seen["replicas"], seen["wait_when_idle"]) == ("model.pt", 1, True)
+    assert seen["access_log"] is True
 
 
 def test_bad_serve_targets_are_one_line_errors(tmp_path: Path) -> None:

@@ -219,6 +219,7 @@ def cmd_fl_client(args: argparse.Namespace) -> int:
 SERVE_FLAGS = (
     "host",
     "port",
+    "access_log",
     "replicas",
     "min_replicas",
     "max_replicas",
@@ -273,12 +274,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value is not None:
             settings[flag] = value
     host, port = settings.pop("host"), settings.pop("port")
+    access_log = settings.pop("access_log")
     settings["token"] = os.environ.get("DISTML_SERVE_TOKEN") or None
     if settings["min_replicas"] is None:
         del settings["min_replicas"]
     if settings["max_replicas"] is None:
         del settings["max_replicas"]
-    serve_main(model, host, port, **settings)
+    serve_main(model, host, port, access_log=access_log, **settings)
     return 0
 
 
@@ -663,6 +665,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
     p.add_argument("--max-batch-size", type=int, default=None, help="largest batch (default 32)")
+    p.add_argument(
+        "--access-log",
+        action="store_const",
+        const=True,
+        default=None,
+        help="log one line per request (default off: it costs throughput)",
+    )
     p.add_argument(
         "--max-delay-ms",
         type=float,

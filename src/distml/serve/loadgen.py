@@ -190,7 +190,17 @@ def run_load_sync(
     max_duration_s: float,
     **kwargs: Any,
 ) -> LoadResult:
-    """:func:`run_load` from synchronous code (its own event loop)."""
-    return asyncio.run(
-        run_load(url, make_request, concurrency, max_requests, max_duration_s, **kwargs)
-    )
+    """:func:`run_load` from synchronous code (its own event loop, uvloop's when installed).
+
+    uvloop cut the client's CPU per request from 61-62 to 47-55 us (64
+    connections to a local server); on a 2-core machine the client shares the
+    cores with the server it measures, so a cheaper client leaves the server
+    more of them (alike for every configuration).
+    """
+    coro = run_load(url, make_request, concurrency, max_requests, max_duration_s, **kwargs)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)

@@ -19,6 +19,7 @@ pool restarts it as one replica.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
@@ -234,6 +235,7 @@ def group_main(
 
 def _lead(conn: Connection, group: GroupForward, send: Emit) -> None:
     runner = GroupRunner(group)
+    gc.freeze()  # keep the loaded model out of full collections (see app.py's lifespan)
     send({"op": "ready", "pid": os.getpid()}, [])
     while True:
         try:

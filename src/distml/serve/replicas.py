@@ -12,6 +12,7 @@ server thread for ``replicas=0``. Both report to a :class:`ReplicaEvents`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -100,6 +101,7 @@ def replica_main(conn: Connection, model_path: str, device: str, index: int, thr
     except Exception as exc:
         send({"op": "fatal", "error": _one_line(exc)}, [])
         return
+    gc.freeze()  # keep the loaded model out of full collections (see app.py's lifespan)
     send({"op": "ready", "pid": os.getpid()}, [])
     while True:
         try:
