@@ -78,6 +78,7 @@ def _pipelined(model: torch.nn.Module, mesh, batches: list, **plan) -> dict:
         "kinds": sorted(kind for kind, *_ in timing.intervals),
         "idle": timing.idle_fraction,
         "busy_total": (timing.busy_s, timing.total_s),
+        "schedule": type(pipe.schedule).__name__,
     }
 
 
@@ -88,6 +89,8 @@ def _pp_ranks(rank: int, world: int) -> dict:
     batches = _batches(STEPS)
     out: dict = {"ref": _reference(_gpt(), batches)}
     out["gpipe"] = _pipelined(_gpt(), mesh, batches, schedule="gpipe", microbatches=2)
+    # Four micro-batches: two receives outstanding at once in distml's GPipe.
+    out["gpipe4"] = _pipelined(_gpt(), mesh, batches, schedule="gpipe", microbatches=4)
     out["1f1b"] = _pipelined(_gpt(), mesh, batches, schedule="1f1b", microbatches=4)
     out["interleaved"] = _pipelined(
         _gpt(), mesh, batches, schedule="interleaved-1f1b", microbatches=4, virtual_stages=2
@@ -123,7 +126,7 @@ def _assert_stages_match(results: list[dict], case: str, ref: dict) -> None:
         torch.testing.assert_close(value, ref[key], rtol=1e-4, atol=1e-10, msg=key)
 
 
-@pytest.mark.parametrize("case", ["gpipe", "1f1b", "interleaved"])
+@pytest.mark.parametrize("case", ["gpipe", "gpipe4", "1f1b", "interleaved"])
 def test_pp2_schedules_train_like_single_process(pp_results, case: str) -> None:
     ref_losses, ref_state = pp_results[0]["ref"]
     for result in pp_results:  # the loss is broadcast to both stages
@@ -132,6 +135,23 @@ def test_pp2_schedules_train_like_single_process(pp_results, case: str) -> None:
     _assert_stages_match(pp_results, case, ref_state)
     init = _gpt().state_dict()
     assert not torch.equal(init["blocks.3.mlp.fc.weight"], ref_state["blocks.3.mlp.fc.weight"])
+
+
+def test_gloo_runs_distmls_prefetching_schedules(pp_results) -> None:
+    # If torch moved its private p2p helpers, build_pipeline falls back to torch's
+    # schedules; this catches the fallback on the pinned torch instead of hiding it.
+    for r in pp_results:
+        assert r["gpipe"]["schedule"] == r["gpipe4"]["schedule"] == "PrefetchGPipe"
+        assert r["1f1b"]["schedule"] == "Prefetch1F1B"
+
+
+def test_one_f_one_b_order_is_torchs() -> None:
+    from distml.parallel.pipeline.prefetch import gpipe_order, one_f_one_b_order
+
+    assert gpipe_order(2) == ["F", "F", "B", "B"]
+    assert "".join(one_f_one_b_order(4, 2, 0)) == "FFBFBFBB"
+    assert "".join(one_f_one_b_order(4, 2, 1)) == "FBFBFBFB"
+    assert "".join(one_f_one_b_order(2, 4, 0)) == "FFBB"  # fewer micro-batches than warm-up
 
 
 def test_forward_only_evaluation_matches_the_trained_reference(pp_results) -> None:

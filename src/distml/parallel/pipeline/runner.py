@@ -26,13 +26,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
     PipelineStage,
-    Schedule1F1B,
-    ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
 
 from distml.errors import ConfigError
 from distml.parallel.mesh import axis_group, axis_rank, axis_size, require_axes
+from distml.parallel.pipeline.prefetch import make_schedule
 from distml.parallel.pipeline.split import (
     BALANCES,
     bounds_from_split_points,
@@ -268,10 +267,8 @@ def build_pipeline(
     ]
     loss = loss_fn or tensor_parallel_loss(model)
     runner: Any
-    if schedule == "gpipe":
-        runner = ScheduleGPipe(stages[0], microbatches, loss_fn=loss)
-    elif schedule == "1f1b":
-        runner = Schedule1F1B(stages[0], microbatches, loss_fn=loss)
+    if schedule in ("gpipe", "1f1b"):
+        runner = make_schedule(schedule, stages[0], microbatches, loss)
     else:
         runner = ScheduleInterleaved1F1B(stages, microbatches, loss_fn=loss)
     tie_group = _tie_group(mesh) if parts.tied and pp > 1 else None
