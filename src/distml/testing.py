@@ -129,7 +129,8 @@ def run_ranks(
             if proc.is_alive():
                 proc.kill()
         for proc in procs:
-            proc.join(timeout=10)
+            if proc.pid is not None:  # a failed start() leaves processes never started
+                proc.join(timeout=10)
         results.close()
         results.join_thread()
 

@@ -139,3 +139,68 @@ def test_distml_train_runs_hugging_face_models_at_tp2(tmp_path, model) -> None:
     [got, _] = run_ranks(_train_losses, 2, args=(str(tmp_path), model, {"tp": 2}), timeout=200)
     assert len(ref) == 4
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize(("model", "schedule"), [("hf-gpt2", "gpipe"), ("hf-bert", "1f1b")])
+def test_distml_train_pipelines_hugging_face_models_at_pp2(tmp_path, model, schedule) -> None:
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    ref = _train_losses(0, 1, str(tmp_path), model, {})
+    plan = {"pp": 2, "pp_schedule": schedule, "pp_microbatches": 2}
+    [got, again] = run_ranks(_train_losses, 2, args=(str(tmp_path), model, plan), timeout=200)
+    assert len(ref) == 4 and got == again  # the last stage's loss, logged by rank 0
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=0)
+
+
+def test_hugging_face_question_answering_has_no_stage_plan() -> None:
+    from distml.config import ParallelSection
+    from distml.errors import ConfigError
+    from distml.models import build_model
+    from distml.parallel.mesh_strategy import check_mesh_plan
+
+    qa = build_model("hf-bert-qa", TINY)
+    with pytest.raises(ConfigError) as info:
+        check_mesh_plan(ParallelSection(pp=2), 2, qa)
+    assert str(info.value) == (
+        "pipeline parallelism has no stage plan for Hugging Face HFQuestionAnswering "
+        "(stage plans: hf-gpt2, hf-bert); use parallel.pp=1 (tensor parallelism works: "
+        "parallel.tp)"
+    )
+
+
+@pytest.mark.slow
+def test_hf_gpt2_pp2_checkpoint_predicts_and_generates_like_single_process(tmp_path) -> None:
+    import numpy as np
+
+    from distml.testing import run_cli
+
+    (tmp_path / "c.txt").write_text("abcdefghijklmnopqrstuvwxyz ABCD.\n" * 40)  # 34 tokens
+    args = [
+        "model.name=hf-gpt2",
+        "model.args={n_layer: 2, n_head: 2, n_embd: 24}",
+        "data.name=text",
+        f"data.path={tmp_path / 'c.txt'}",
+        "data.seq_len=16",
+        "data.global_batch_size=8",
+    ]
+    pp = ["parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_microbatches=2"]
+    run = [f"logging.run_dir={tmp_path / 'run'}", f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    train = run_cli(
+        ["train", *args, *pp, "schedule.max_steps=3", "schedule.eval_every_epochs=0", *run,
+         "--no-progress", "--nproc", "2"],
+        timeout=240,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    ckpt = str(tmp_path / "ckpt" / "step_00000003.dcp")
+    np.save(tmp_path / "tok.npy", np.random.default_rng(0).integers(0, 34, size=(5, 16)))
+    common = ["predict", *args, "--checkpoint", ckpt, "--input", str(tmp_path / "tok.npy")]
+    for extra, out in (([*pp, "--nproc", "2"], "pp.npy"), ([], "one.npy")):
+        done = run_cli([*common, *extra, "--output", str(tmp_path / out)], timeout=120)
+        assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "pp.npy"), np.load(tmp_path / "one.npy"))
+    texts = []
+    for extra in (["parallel.pp=2", "--nproc", "2"], []):
+        gen = ["generate", *args, "--checkpoint", ckpt, "--prompt", "abc", "--seed", "3"]
+        done = run_cli([*gen, "--max-new-tokens", "8", *extra], timeout=120)
+        assert done.returncode == 0, done.stderr
+        texts.append(done.stdout)
+    assert texts[0] == texts[1] and texts[0].startswith("abc") and len(texts[0]) == 12

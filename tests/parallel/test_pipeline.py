@@ -103,6 +103,12 @@ def _pp_ranks(rank: int, world: int) -> dict:
     )
     out["bert_ref"] = _reference(_bert(), batches[:2])
     out["bert"] = _pipelined(_bert(), mesh, batches[:2], schedule="gpipe", microbatches=2)
+    # Masked LM: -100 targets leave micro-batches with unequal numbers of counted tokens.
+    gen = torch.Generator().manual_seed(2)
+    masked = [(x, y.masked_fill(torch.rand(y.shape, generator=gen) < 0.6, -100)) for x, y in batches]
+    masked[0][1][:4] = -100  # one micro-batch with nothing to count
+    out["masked_ref"] = _reference(_bert(), masked[:3])
+    out["masked"] = _pipelined(_bert(), mesh, masked[:3], schedule="1f1b", microbatches=2)
     try:
         _pipelined(_gpt(), mesh, [(batches[0][0][:6], batches[0][1][:6])], microbatches=4)
     except ConfigError as exc:
@@ -203,6 +209,14 @@ def test_pp2_bert_trains_like_single_process(pp_results) -> None:
     assert merged.keys() == ref_state.keys()
     for key, value in merged.items():
         torch.testing.assert_close(value, ref_state[key], rtol=1e-4, atol=1e-10, msg=key)
+
+
+def test_masked_lm_micro_batches_weigh_by_counted_tokens(pp_results) -> None:
+    ref_losses, ref_state = pp_results[0]["masked_ref"]
+    for result in pp_results:
+        got = torch.tensor(result["masked"]["losses"])
+        torch.testing.assert_close(got, torch.tensor(ref_losses), rtol=1e-6, atol=0)
+    _assert_stages_match(pp_results, "masked", ref_state)
 
 
 def test_stage_timing_records_every_micro_batch(pp_results) -> None:

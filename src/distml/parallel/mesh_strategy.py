@@ -94,6 +94,7 @@ def check_mesh_plan(
     """
     from distml.models.bert import BERT
     from distml.models.gpt import GPT
+    from distml.parallel.pipeline.hf_parts import hf_model_parts
     from distml.parallel.pipeline.split import (
         BALANCES,
         bounds_from_split_points,
@@ -111,15 +112,16 @@ def check_mesh_plan(
         )
     dp, pp, tp = mesh_dims(cfg, world_size)
     hugging_face = is_hf_gpt2(model) or is_hf_bert(model)
-    if hugging_face and pp > 1:
+    if hugging_face and pp > 1 and hf_model_parts(model) is None:
         raise ConfigError(
-            f"pipeline parallelism has no stage plan for Hugging Face {type(model).__name__}; "
-            "use parallel.pp=1 (tensor parallelism works: parallel.tp) or model gpt/bert"
+            f"pipeline parallelism has no stage plan for Hugging Face {type(model).__name__} "
+            "(stage plans: hf-gpt2, hf-bert); use parallel.pp=1 (tensor parallelism works: "
+            "parallel.tp)"
         )
     if not isinstance(model, GPT | BERT) and not hugging_face:
         raise ConfigError(
             f"model parallelism (parallel.pp/tp) has no plan for {type(model).__name__}; "
-            "use model gpt, bert, bert-qa (or hf-gpt2/hf-bert/hf-bert-qa with tp), "
+            "use model gpt, bert, bert-qa, hf-gpt2, hf-bert (or hf-bert-qa with tp), "
             "or parallel.pp=1 tp=1"
         )
     mcfg: Any = model.config

@@ -48,6 +48,40 @@ from distml.parallel.pipeline.stage import (
 from distml.parallel.pipeline.timing import StageTimer, StepTiming
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+IGNORE_INDEX = -100
+
+
+class TokenWeightedLoss:
+    """A micro-batch's mean loss re-weighted so the step's loss is the whole batch's mean.
+
+    The schedule averages micro-batch losses (and their gradients) with equal
+    weight. When targets carry ``-100`` (masked-LM positions that do not count),
+    micro-batches hold different numbers of counted tokens and that average is
+    not the batch's token mean a single process computes. Each micro-batch's
+    loss is scaled by (its counted tokens) / (the batch's counted tokens / M),
+    which :meth:`Pipeline.step` sets from the targets; without ignored targets
+    the factor is exactly 1.
+    """
+
+    def __init__(self, loss_fn: LossFn) -> None:
+        self.loss_fn = loss_fn
+        self.tokens_per_microbatch: float | None = None
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_mb = self.tokens_per_microbatch
+        if per_mb is None or targets.is_floating_point():
+            return self.loss_fn(logits, targets)
+        counted = int((targets != IGNORE_INDEX).sum())
+        if counted == 0:  # nothing counts here: a zero that keeps the graph connected
+            return logits.sum() * 0.0
+        return self.loss_fn(logits, targets) * (counted / per_mb)
+
+    def set_batch(self, targets: torch.Tensor | None, microbatches: int) -> None:
+        if targets is None or targets.is_floating_point():
+            self.tokens_per_microbatch = None
+            return
+        total = int((targets != IGNORE_INDEX).sum())
+        self.tokens_per_microbatch = total / microbatches if total else None
 
 
 def plan_stage_bounds(
@@ -104,6 +138,7 @@ class Pipeline:
         group: dist.ProcessGroup,
         tie_group: dist.ProcessGroup | None,
         microbatches: int,
+        loss: TokenWeightedLoss | None = None,
     ) -> None:
         self.model = model
         self.parts = parts
@@ -113,6 +148,7 @@ class Pipeline:
         self.group = group
         self.tie_group = tie_group
         self.microbatches = microbatches
+        self.loss = loss
         self.timer = StageTimer(stages)
         self.last_timing = StepTiming(0.0)
 
@@ -162,6 +198,8 @@ class Pipeline:
         micro-batches, as for a single pass over the whole batch.
         """
         self._check_batch(inputs, targets)
+        if self.loss is not None:
+            self.loss.set_batch(targets if self.has_last else None, self.microbatches)
         losses: list[torch.Tensor] = []
         self.timer.start()
         args = (inputs,) if self.has_first else ()
@@ -187,6 +225,8 @@ class Pipeline:
     ) -> tuple[float | None, torch.Tensor | None]:
         """Forward only: (mean micro-batch loss, logits) on the last stage's rank, else Nones."""
         self._check_batch(inputs, targets)
+        if self.loss is not None:
+            self.loss.set_batch(targets if self.has_last else None, self.microbatches)
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
         logits = self.schedule.eval(
@@ -265,11 +305,11 @@ def build_pipeline(
         PipelineStage(m, i, total, device, group=group)
         for m, i in zip(modules, indices, strict=True)
     ]
-    loss = loss_fn or tensor_parallel_loss(model)
+    loss = TokenWeightedLoss(loss_fn or tensor_parallel_loss(model))
     runner: Any
     if schedule in ("gpipe", "1f1b"):
         runner = make_schedule(schedule, stages[0], microbatches, loss)
     else:
         runner = ScheduleInterleaved1F1B(stages, microbatches, loss_fn=loss)
     tie_group = _tie_group(mesh) if parts.tied and pp > 1 else None
-    return Pipeline(model, parts, modules, stages, runner, group, tie_group, microbatches)
+    return Pipeline(model, parts, modules, stages, runner, group, tie_group, microbatches, loss)

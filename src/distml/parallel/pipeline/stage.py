@@ -31,6 +31,8 @@ from distml.models.layers import check_sequence_length
 
 # The stage is typed Any: it reaches the model's submodules by attribute name.
 Forward = Callable[[Any, torch.Tensor], torch.Tensor]
+#: (stage, its blocks in order, hidden states) -> hidden states after them.
+RunBlocks = Callable[[Any, list[nn.Module], torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class ModelParts:
     embed_forward: Forward
     head_forward: Forward
     tied: tuple[tuple[str, str], ...]  # (first-stage parameter, last-stage parameter)
+    #: Where the model registers its block list (the blocks' state-dict prefix).
+    blocks_name: str = "blocks"
+    #: How to run blocks (None: ``x = block(x)`` in turn); Hugging Face blocks need a mask.
+    run_blocks: RunBlocks | None = None
 
 
 def _gpt_embed(stage: Any, idx: torch.Tensor) -> torch.Tensor:
@@ -69,7 +75,12 @@ def _bert_head(stage: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def model_parts(model: nn.Module) -> ModelParts:
-    """The decomposition of a supported model (distml's GPT and BERT)."""
+    """The decomposition of a supported model (distml's GPT and BERT, Hugging Face's GPT-2/BERT)."""
+    from distml.parallel.pipeline.hf_parts import hf_model_parts
+
+    hf = hf_model_parts(model)
+    if hf is not None:
+        return hf
     if isinstance(model, GPT):
         tied = model.lm_head.weight is model.wte.weight
         return ModelParts(
@@ -89,8 +100,29 @@ def model_parts(model: nn.Module) -> ModelParts:
             (("embeddings.tok.weight", "head.decoder.weight"),) if tied else (),
         )
     raise ConfigError(
-        f"no pipeline plan for model {type(model).__name__}; use parallel.pp=1 or one of: gpt, bert"
+        f"no pipeline plan for model {type(model).__name__}; use parallel.pp=1 or one of: "
+        "gpt, bert, hf-gpt2, hf-bert"
     )
+
+
+def run_blocks(parts: ModelParts, stage: Any, blocks: list[nn.Module], x: torch.Tensor) -> Any:
+    if parts.run_blocks is not None:
+        return parts.run_blocks(stage, blocks, x)
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+def _attach(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    """Register ``module`` under ``root`` at a dotted path, adding empty parents as needed."""
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        if name not in root._modules:
+            root.add_module(name, nn.Module())
+        child = root._modules[name]
+        assert child is not None
+        root = child
+    root.add_module(leaf, module)
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -120,12 +152,20 @@ class StageModule(nn.Module):
         self.first, self.last = first, last
         self.block_range = block_range
         self.precision = precision
+        # Registered at the model's own (possibly dotted) paths: same state-dict keys.
         for name in parts.embed_names if first else ():
-            self.add_module(name, model.get_submodule(name))
+            _attach(self, name, model.get_submodule(name))
         blocks = _blocks(model)
-        self.blocks = nn.ModuleDict({str(i): blocks[i] for i in block_range})
+        _attach(self, parts.blocks_name, nn.ModuleDict({str(i): blocks[i] for i in block_range}))
         for name in parts.head_names if last else ():
-            self.add_module(name, model.get_submodule(name))
+            _attach(self, name, model.get_submodule(name))
+
+    @property
+    def stage_blocks(self) -> nn.ModuleDict:
+        """This stage's blocks, keyed by their index in the model."""
+        blocks = self.get_submodule(self.parts.blocks_name)
+        assert isinstance(blocks, nn.ModuleDict)
+        return blocks
 
     def refresh_blocks(self, model: nn.Module) -> None:
         """Run ``model``'s blocks as they are now (e.g. wrapped for recomputation since the cut).
@@ -136,7 +176,7 @@ class StageModule(nn.Module):
         """
         blocks = _blocks(model)
         for i in self.block_range:
-            self.blocks[str(i)] = blocks[i]
+            self.stage_blocks[str(i)] = blocks[i]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from distml.memory.precision import autocast  # here: keeps `import distml.parallel` light
@@ -145,8 +185,7 @@ class StageModule(nn.Module):
         with autocast(self.precision, x.device.type):
             if self.first:
                 x = self.parts.embed_forward(self, x)
-            for block in self.blocks.values():
-                x = block(x)
+            x = run_blocks(self.parts, self, list(self.stage_blocks.values()), x)
             if self.last:
                 x = self.parts.head_forward(self, x)
         # Autocast may leave the output in bf16 (the head's logits). Cast it back at the
@@ -191,7 +230,10 @@ def time_costs(
     with torch.enable_grad():
         embed = _timed(lambda: parts.embed_forward(holder, example), repeats)
         hidden = parts.embed_forward(holder, example).detach().requires_grad_()
-        blocks = [_timed(lambda b=b: b(hidden), repeats) for b in _blocks(model)]  # type: ignore[misc]
+        blocks = [
+            _timed(lambda b=b: run_blocks(parts, holder, [b], hidden), repeats)  # type: ignore[misc]
+            for b in _blocks(model)
+        ]
         head = _timed(lambda: parts.head_forward(holder, hidden), repeats)
     model.zero_grad(set_to_none=True)
     costs = torch.tensor([*blocks, embed, head], dtype=torch.float64)
