@@ -179,11 +179,12 @@ def test_bad_combinations_fail_with_one_line() -> None:
         "memory.offload_optimizer=true does not work with parallel.strategy=ps (the optimizer "
         "does not step on this process); set it false or use strategy ddp"
     )
+    check_strategy_support("fp16", False, "ddp", model_parallel=True)  # overflow agreed
     with pytest.raises(ConfigError) as err:
-        check_strategy_support("fp16", False, "ddp", model_parallel=True)
+        check_strategy_support("fp32", True, "ddp", model_parallel=True)
     assert str(err.value) == (
-        "schedule.precision=fp16 does not work with parallel.pp/tp > 1 (overflowed steps "
-        "could not be skipped on every rank); use precision bf16 or strategy ddp"
+        "memory.offload_optimizer=true does not work with parallel.pp/tp > 1 (the optimizer "
+        "does not step on this process); set it false or use strategy ddp"
     )
     check_strategy_support("fp16", True, "ddp")  # supported: no error
     with pytest.raises(ConfigError, match=r"invalid config value for 'schedule.precision'"):

@@ -67,12 +67,6 @@ def text(tmp_path: Path) -> Path:
             "(data.global_batch_size / dp); choose a divisor",
         ),
         (
-            ["parallel.tp=2", "--nproc", "2", "schedule.precision=fp16"],
-            "schedule.precision=fp16 is not supported with parallel.pp/tp (its loss scaler's "
-            "overflow check would have to agree across pipeline stages and tp ranks); use "
-            "schedule.precision=bf16",
-        ),
-        (
             ["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=15"],
             "parallel.sequence_parallel splits the sequence over parallel.tp=2 ranks, but the "
             "sequence length 15 (data.seq_len) is not divisible by 2; set data.seq_len to a "

@@ -47,17 +47,16 @@ def check_strategy_support(
 ) -> None:
     """Refuse fp16 or optimizer offload with strategies that step elsewhere than here.
 
-    Only single-process and ``ddp`` training step the optimizer locally on
-    gradients every rank holds in full: ``ps`` updates on the servers (an
-    overflowed step could not be skipped, a CPU-offloaded optimizer could not
-    be cloned there), and model parallelism (``parallel.pp``/``tp`` > 1, the
-    mesh strategy) runs its own backward and would need the overflow check
-    agreed across its pipeline and tensor groups.
+    ``ps`` updates on the servers: an overflowed step could not be skipped, a
+    CPU-offloaded optimizer could not be cloned there. Model parallelism
+    (``parallel.pp``/``tp`` > 1, the mesh strategy) takes fp16, with the
+    overflow check agreed over the world (``LossScaler(sync_overflow=True)``),
+    but not offload.
     """
     if strategy == "ddp" and not model_parallel:
         return
     where = "parallel.pp/tp > 1" if model_parallel else f"parallel.strategy={strategy}"
-    if precision == "fp16":
+    if precision == "fp16" and not model_parallel:
         raise ConfigError(
             f"schedule.precision=fp16 does not work with {where} (overflowed steps could not "
             "be skipped on every rank); use precision bf16 or strategy ddp"
@@ -96,14 +95,28 @@ class LossScaler:
         params: Iterable[Tensor],
         init_scale: float = 2.0**16,
         growth_interval: int = 2000,
+        sync_overflow: bool = False,
     ) -> None:
         self.enabled = precision == "fp16"
-        self._scaler = torch.amp.GradScaler(
-            device_type,
-            init_scale=init_scale,
-            growth_interval=growth_interval,
-            enabled=self.enabled,
-        )
+        self._device = device_type
+        self._scaler: torch.amp.GradScaler
+        if self.enabled and sync_overflow:
+            # Model parallelism: each rank holds different gradients (other stages, other
+            # shards), so "any gradient overflowed" must be agreed over the whole world or
+            # one rank would skip the step another takes. torch's ShardedGradScaler (built
+            # for FSDP's sharded gradients) all-reduces the overflow flag in unscale_.
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self._scaler = ShardedGradScaler(
+                device_type, init_scale=init_scale, growth_interval=growth_interval
+            )
+        else:
+            self._scaler = torch.amp.GradScaler(
+                device_type,
+                init_scale=init_scale,
+                growth_interval=growth_interval,
+                enabled=self.enabled,
+            )
         self._params = _ParamsAsOptimizer([p for p in params if p.requires_grad])
         self._unscaled = False
         self.skipped_steps = 0
@@ -115,6 +128,16 @@ class LossScaler:
 
     def scale(self, loss: Tensor) -> Tensor:
         return self._scaler.scale(loss)
+
+    def step_scale(self) -> float:
+        """The scale to multiply this step's loss by (for losses scaled out of our sight).
+
+        Goes through ``GradScaler.scale`` so the scaler sets itself up as if it had
+        scaled the loss (a model-parallel step scales inside the pipeline schedule).
+        """
+        if not self.enabled:
+            return 1.0
+        return float(self._scaler.scale(torch.ones((), device=self._device)))
 
     def unscale_(self) -> None:
         """Divide the gradients by the scale now (before clipping or reading them)."""

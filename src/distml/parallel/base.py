@@ -61,9 +61,17 @@ class Strategy:
         return model
 
     def forward_backward(
-        self, model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], task: str
+        self,
+        model: nn.Module,
+        micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+        task: str,
+        loss_scale: float = 1.0,
     ) -> tuple[float, float] | None:
-        """Forward and backward of a step: (loss, exposed comm s); None runs the loop's own."""
+        """Forward and backward of a step: (loss, exposed comm s); None runs the loop's own.
+
+        Backward runs on the loss times ``loss_scale`` (fp16 loss scaling); the
+        returned loss is unscaled.
+        """
         return None
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:

@@ -15,8 +15,9 @@ Memory settings compose with the mesh: ``schedule.precision=bf16`` runs every
 forward (the tp model, each pipeline stage) under bf16 autocast with fp32
 master weights, fp32 stage boundaries and an fp32 loss; ``memory.recompute``
 full/every_k/selective wraps the blocks after the tp plan and the pipeline
-stages call the wrappers (:meth:`MeshStrategy.setup`). fp16 and
-``recompute=auto`` are refused (:func:`check_mesh_memory`).
+stages call the wrappers (:meth:`MeshStrategy.setup`). fp16 scales the loss
+inside the step (the trainer's scaler agrees on overflows over the world);
+``recompute=auto`` is refused (:func:`check_mesh_memory`).
 """
 
 from __future__ import annotations
@@ -63,12 +64,6 @@ def microbatches(cfg: ParallelSection) -> int:
 
 def check_mesh_memory(precision: str = "fp32", recompute: str = "none") -> None:
     """One-line errors for the memory settings model parallelism cannot run."""
-    if precision == "fp16":
-        raise ConfigError(
-            "schedule.precision=fp16 is not supported with parallel.pp/tp (its loss scaler's "
-            "overflow check would have to agree across pipeline stages and tp ranks); "
-            "use schedule.precision=bf16"
-        )
     if recompute == "auto":
         raise ConfigError(
             "memory.recompute=auto is not supported with parallel.pp/tp (its budget planner "
@@ -270,7 +265,7 @@ class MeshStrategy(Strategy):
 
     # ---- one step
     def forward_backward(
-        self, model: nn.Module, micro_batches: list[Batch], task: str
+        self, model: nn.Module, micro_batches: list[Batch], task: str, loss_scale: float = 1.0
     ) -> tuple[float, float]:
         from distml.memory.precision import autocast
 
@@ -279,7 +274,7 @@ class MeshStrategy(Strategy):
             # The pipeline splits the replica's batch into its own micro-batches.
             x = torch.cat([b[0] for b in micro_batches])
             y = torch.cat([b[1] for b in micro_batches])
-            loss = self.pipeline.step(x, y, broadcast_loss=True)
+            loss = self.pipeline.step(x, y, broadcast_loss=True, loss_scale=loss_scale)
             assert loss is not None
         else:
             loss, accum = 0.0, len(micro_batches)
@@ -289,7 +284,7 @@ class MeshStrategy(Strategy):
                 with autocast(self.precision, x.device.type):
                     logits = model(x)
                 part = self.loss_fn(logits.float(), y) / accum
-                part.backward()
+                (part * loss_scale if loss_scale != 1.0 else part).backward()
                 loss += float(part.detach())
         start = time.perf_counter()
         all_reduce_gradients(self.local, self._mesh(), "dp")

@@ -144,6 +144,7 @@ class Trainer:
             self.ctx.device.type,
             self.raw_model.parameters(),
             init_scale=cfg.schedule.loss_scale_init,
+            sync_overflow=cfg.parallel.pp > 1 or cfg.parallel.tp > 1,
         )
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.dir or "checkpoints", cfg.checkpoint.keep_last
@@ -338,12 +339,16 @@ class Trainer:
         if not self.raw_model.training:
             # Setting the mode walks every submodule: only do it after evaluation.
             self.model.train()
-        delegated = self.strategy.forward_backward(self.model, micro_batches, self.task)
+        delegated = self.strategy.forward_backward(
+            self.model, micro_batches, self.task, loss_scale=self.scaler.step_scale()
+        )
         if delegated is not None:
             # Model parallelism: the strategy ran forward, backward and the dp all-reduce.
             if self.cfg.schedule.grad_clip is not None:
+                self.scaler.unscale_()  # clip the true gradients, not the scaled ones
                 self.strategy.clip_grad_norm_(self.raw_model, self.cfg.schedule.grad_clip)
-            self.strategy.optimizer_step(self.optimizer)
+            # fp16: skipped on every rank when a gradient overflowed on any.
+            self.scaler.step(lambda: self.strategy.optimizer_step(self.optimizer))
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             return delegated

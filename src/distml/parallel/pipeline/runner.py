@@ -66,15 +66,21 @@ class TokenWeightedLoss:
     def __init__(self, loss_fn: LossFn) -> None:
         self.loss_fn = loss_fn
         self.tokens_per_microbatch: float | None = None
+        #: fp16 loss scaling: backward runs on loss x scale (the step's losses divide it out).
+        self.loss_scale = 1.0
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per_mb = self.tokens_per_microbatch
         if per_mb is None or targets.is_floating_point():
-            return self.loss_fn(logits, targets)
-        counted = int((targets != IGNORE_INDEX).sum())
-        if counted == 0:  # nothing counts here: a zero that keeps the graph connected
-            return logits.sum() * 0.0
-        return self.loss_fn(logits, targets) * (counted / per_mb)
+            weight = 1.0
+        else:
+            counted = int((targets != IGNORE_INDEX).sum())
+            if counted == 0:  # nothing counts here: a zero that keeps the graph connected
+                return logits.sum() * 0.0
+            weight = counted / per_mb
+        factor = weight * self.loss_scale
+        loss = self.loss_fn(logits, targets)
+        return loss * factor if factor != 1.0 else loss
 
     def set_batch(self, targets: torch.Tensor | None, microbatches: int) -> None:
         if targets is None or targets.is_floating_point():
@@ -188,6 +194,7 @@ class Pipeline:
         targets: torch.Tensor | None,
         *,
         broadcast_loss: bool = False,
+        loss_scale: float = 1.0,
     ) -> float | None:
         """Forward and backward of one batch in micro-batches; gradients land in the model.
 
@@ -195,11 +202,13 @@ class Pipeline:
         on the rank holding the last (others may pass them or None). Returns the
         mean micro-batch loss on the last stage's rank (on every rank of the
         pipeline with ``broadcast_loss``), else None. Gradients are the mean over
-        micro-batches, as for a single pass over the whole batch.
+        micro-batches, as for a single pass over the whole batch, times
+        ``loss_scale`` (fp16 loss scaling; the returned loss is unscaled).
         """
         self._check_batch(inputs, targets)
         if self.loss is not None:
             self.loss.set_batch(targets if self.has_last else None, self.microbatches)
+            self.loss.loss_scale = loss_scale
         losses: list[torch.Tensor] = []
         self.timer.start()
         args = (inputs,) if self.has_first else ()
@@ -213,6 +222,9 @@ class Pipeline:
         self.last_timing = self.timer.stop()
         self._sum_tied_grads()
         loss = torch.stack([x.detach() for x in losses]).mean() if losses else None
+        if loss is not None and self.loss is not None and self.loss.loss_scale != 1.0:
+            loss = loss / self.loss.loss_scale
+            self.loss.loss_scale = 1.0
         if not broadcast_loss:
             return None if loss is None else float(loss)
         value = torch.zeros((), dtype=torch.float64) if loss is None else loss.double()
@@ -227,6 +239,7 @@ class Pipeline:
         self._check_batch(inputs, targets)
         if self.loss is not None:
             self.loss.set_batch(targets if self.has_last else None, self.microbatches)
+            self.loss.loss_scale = 1.0
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
         logits = self.schedule.eval(
