@@ -222,9 +222,8 @@ class Pipeline:
         self.last_timing = self.timer.stop()
         self._sum_tied_grads()
         loss = torch.stack([x.detach() for x in losses]).mean() if losses else None
-        if loss is not None and self.loss is not None and self.loss.loss_scale != 1.0:
-            loss = loss / self.loss.loss_scale
-            self.loss.loss_scale = 1.0
+        if loss is not None and loss_scale != 1.0:
+            loss = loss / loss_scale
         if not broadcast_loss:
             return None if loss is None else float(loss)
         value = torch.zeros((), dtype=torch.float64) if loss is None else loss.double()
